@@ -1,0 +1,184 @@
+"""The quantization settings shared by the engine, the callback and the examples, validated once.
+
+``DQAConfig`` is a frozen dataclass of flat primitives, so LightningCLI, YAML files and JSON records can
+express every field. Every check names the argument, the rule and the value given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "CLIPPINGS",
+    "CODES",
+    "METHODS",
+    "SCALE_MODES",
+    "WHERE",
+    "DQAConfig",
+    "paper_config",
+]
+
+Method = Literal["dqa", "direct", "noisyquant", "fp32"]
+ScaleMode = Literal["dynamic", "static", "learnable"]
+Code = Literal["signed", "unsigned", "auto"]
+Clipping = Literal["none", "percentile", "mse"]
+Where = Literal["input", "output"]
+
+METHODS: tuple[str, ...] = ("dqa", "direct", "noisyquant", "fp32")
+SCALE_MODES: tuple[str, ...] = ("dynamic", "static", "learnable")
+CODES: tuple[str, ...] = ("signed", "unsigned", "auto")
+CLIPPINGS: tuple[str, ...] = ("none", "percentile", "mse")
+WHERE: tuple[str, ...] = ("input", "output")
+LAYER_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear", "ConvTranspose2d")
+
+MIN_BITS, MAX_BITS, MAX_TOTAL_BITS = 2, 8, 16
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Expected {name} to be one of {list(allowed)}, got {value!r}")
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"Expected {name} to be an int in [{lo}, {hi}], got {value!r}{hint}")
+
+
+@dataclass(frozen=True)
+class DQAConfig:
+    """What to quantize and how.
+
+    Args:
+        bits: ``n``, the width of every stored main code (3, 4 or 5 in the paper; 2..8 accepted).
+        extra_bits: ``m``, the extra precision of important channels; ``n + m`` must not exceed 16.
+        ratio: ``r``, the fraction of each layer's channels that is important (0 gives direct quantization).
+        method: ``dqa``; ``direct`` (no important channels); ``noisyquant`` (the NoisyQuant baseline);
+            ``fp32`` (quantizers installed but pass-through, for baselines and memory accounting).
+        ranking: name of the channel-ranking criterion (see :data:`lightning_dqa.selection.RANKINGS`).
+        scale_mode: ``dynamic`` takes each channel's maximum from the tensor at run time (the paper);
+            ``static`` freezes scales from calibration; ``learnable`` starts from the static scales and
+            trains them with the LSQ gradient during fine-tuning.
+        code: ``signed`` codes (the paper); ``unsigned`` for non-negative tensors; ``auto`` picks unsigned
+            for a layer whose calibration activations were all non-negative (e.g. after ReLU).
+        clipping: how static scales clip outliers: ``none`` (calibration maximum), ``percentile`` or
+            ``mse`` (per-channel clip minimising the quantization error on calibration samples).
+        percentile: the percentile of ``|x|`` used by ``clipping="percentile"``, in (0, 100].
+        where: quantize the ``input`` of each target layer (what a deployment stores between layers) or
+            its ``output`` (the third-party reproduction's choice).
+        layer_types: class names of target layers.
+        include: regular expressions; when non-empty, only layers whose qualified name matches one are
+            targets.
+        exclude: regular expressions of layer names that are never targets.
+        first_layer_bits: code width of the first target layer instead of ``bits`` (``None`` keeps
+            ``bits``; ``0`` leaves that layer in full precision). Its input is the image, stored at 8 bits
+            by any camera, hence the default 8 for ``where="input"``.
+        last_layer_bits: likewise for the last target layer.
+        seed: seed of everything random here (the ``random`` ranking, NoisyQuant's noise, sampling).
+
+    """
+
+    bits: int = 4
+    extra_bits: int = 3
+    ratio: float = 0.4
+    method: Method = "dqa"
+    ranking: str = "fisher"
+    scale_mode: ScaleMode = "static"
+    code: Code = "auto"
+    clipping: Clipping = "mse"
+    percentile: float = 99.99
+    where: Where = "input"
+    layer_types: tuple[str, ...] = ("Conv2d", "Linear")
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    first_layer_bits: int | None = 8
+    last_layer_bits: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _int_in("bits", self.bits, MIN_BITS, MAX_BITS)
+        _int_in("extra_bits", self.extra_bits, 1, MAX_TOTAL_BITS - MIN_BITS)
+        if self.bits + self.extra_bits > MAX_TOTAL_BITS:
+            raise ValueError(
+                f"Expected bits + extra_bits <= {MAX_TOTAL_BITS}, got {self.bits} + {self.extra_bits} = "
+                f"{self.bits + self.extra_bits}; lower extra_bits"
+            )
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"Expected ratio to be a float in [0, 1], got {self.ratio!r}")
+        _choice("method", self.method, METHODS)
+        _choice("scale_mode", self.scale_mode, SCALE_MODES)
+        _choice("code", self.code, CODES)
+        _choice("clipping", self.clipping, CLIPPINGS)
+        _choice("where", self.where, WHERE)
+        from lightning_dqa.selection import RANKINGS  # local: selection imports nothing from here
+
+        _choice("ranking", self.ranking, tuple(RANKINGS))
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"Expected percentile to be in (0, 100], got {self.percentile!r}")
+        if self.scale_mode == "dynamic" and self.clipping != "none":
+            raise ValueError(
+                f"Expected clipping='none' with scale_mode='dynamic' (dynamic scales take the run-time "
+                f"maximum), got clipping={self.clipping!r}; use scale_mode='static' to clip"
+            )
+        for name in ("layer_types", "include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"Expected {name} to be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for t in self.layer_types:
+            _choice("layer_types entry", t, LAYER_TYPES)
+        if not self.layer_types:
+            raise ValueError("Expected layer_types to name at least one layer type, got []")
+        for name in ("first_layer_bits", "last_layer_bits"):
+            value = getattr(self, name)
+            if value is not None and value != 0:
+                _int_in(name, value, MIN_BITS, MAX_BITS, " (or 0 for full precision, None for bits)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Expected seed to be an int, got {self.seed!r}")
+
+    @property
+    def effective_ratio(self) -> float:
+        """The fraction of important channels actually used: 0 unless the method is ``dqa``."""
+        return float(self.ratio) if self.method == "dqa" else 0.0
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether calibration must run a backward pass (gradient-based rankings)."""
+        from lightning_dqa.selection import GRADIENT_RANKINGS
+
+        return self.method == "dqa" and self.ratio > 0 and self.ranking in GRADIENT_RANKINGS
+
+    def replace(self, **changes: Any) -> DQAConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict of every field."""
+        d = dataclasses.asdict(self)
+        for k in ("layer_types", "include", "exclude"):
+            d[k] = list(d[k])
+        return d
+
+
+def paper_config(bits: int, **changes: Any) -> DQAConfig:
+    """The paper's exact setting: dynamic per-channel maxima, signed codes, no clipping, layer outputs.
+
+    Every Conv2d and Linear output is quantized at ``bits`` (first and last included), ``r = 0.4``,
+    ``m = 3`` and the greedy ranking, as in the extended version (``DQA_METHOD.md`` sections 2-5).
+    """
+    base: dict[str, Any] = dict(
+        bits=bits,
+        extra_bits=3,
+        ratio=0.4,
+        method="dqa",
+        ranking="greedy",
+        scale_mode="dynamic",
+        code="signed",
+        clipping="none",
+        where="output",
+        first_layer_bits=None,
+        last_layer_bits=None,
+    )
+    base.update(changes)
+    return DQAConfig(**base)

@@ -1,0 +1,169 @@
+"""``nn.Module`` quantizers: per-layer state (scales, important-channel masks) as registered buffers.
+
+One :class:`ActivationQuantizer` sits on each target layer as its submodule ``dqa_quantizer`` (see
+:mod:`lightning_dqa.attach`), so its state is part of the model's ``state_dict``: it moves with
+``.to(device)``, is saved in checkpoints and restored on resume, and a checkpoint whose quantizer layout does
+not match the model is caught by key or shape. All maths is delegated to :mod:`lightning_dqa.functional`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dqa import functional as F
+
+__all__ = ["ActivationQuantizer"]
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes one activation tensor per channel: DQA on important channels, direct on the rest.
+
+    Important channels are quantized at ``bits + extra_bits`` with scale ``scale / 2**extra_bits``; every
+    other channel at ``bits`` with ``scale``. The stored result would be ``bits``-wide main codes for all
+    channels plus the shifting errors of the important ones; here the values are dequantized straight away
+    (fake quantization), which is exact: see :func:`lightning_dqa.functional.dqa_dequantize`.
+
+    Buffers (all ``(C,)`` unless noted), saved in the ``state_dict``:
+        ``scale``: ``bits``-bit per-channel scales (static and learnable modes; a Parameter when learnable).
+        ``important``: bool mask of the channels kept at ``bits + extra_bits``.
+        ``signed``: scalar bool, whether codes are signed.
+        ``calibrated``: scalar bool, set once calibration froze scales and selection.
+        ``bits`` / ``extra_bits``: scalar int, so a checkpoint records the widths it was made with.
+
+    Args:
+        num_channels: ``C``, the size of the channel axis.
+        bits: ``n``; 0 makes a pass-through quantizer (a layer left in full precision).
+        extra_bits: ``m``.
+        scale_mode: ``dynamic``, ``static`` or ``learnable`` (see :class:`lightning_dqa.DQAConfig`).
+        signed: initial signedness of codes (calibration may switch it with ``code="auto"``).
+        channel_dim: channel axis of the quantized tensor (1 for conv activations, -1 for linear ones).
+        name: qualified name of the layer it serves, used in error messages.
+
+    Example:
+        >>> q = ActivationQuantizer(4, bits=3, scale_mode="dynamic")
+        >>> x = torch.randn(2, 4, 5, 5)
+        >>> q(x).shape
+        torch.Size([2, 4, 5, 5])
+
+    """
+
+    scale: Tensor
+    important: Tensor
+    signed: Tensor
+    calibrated: Tensor
+
+    def __init__(
+        self,
+        num_channels: int,
+        bits: int,
+        extra_bits: int = 3,
+        scale_mode: str = "static",
+        signed: bool = True,
+        channel_dim: int = 1,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.num_channels = int(num_channels)
+        self.scale_mode = scale_mode
+        self.channel_dim = channel_dim
+        self.name = name
+        self.register_buffer("bits", torch.tensor(int(bits)))
+        self.register_buffer("extra_bits", torch.tensor(int(extra_bits)))
+        self.register_buffer("scale", torch.ones(num_channels))
+        self.register_buffer("important", torch.zeros(num_channels, dtype=torch.bool))
+        self.register_buffer("signed", torch.tensor(bool(signed)))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.enabled = True
+        # Channels left in full precision for one search step (the greedy ranking); never saved.
+        self.fp_mask: Tensor | None = None
+        # Optional transform of the input before quantization (NoisyQuant adds its noise here).
+        self.pre_transform: Callable[[Tensor], Tensor] | None = None
+        self._last_stats: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def n(self) -> int:
+        """``bits`` as a Python int."""
+        return int(self.bits)
+
+    @property
+    def m(self) -> int:
+        """``extra_bits`` as a Python int."""
+        return int(self.extra_bits)
+
+    @property
+    def passthrough(self) -> bool:
+        """True when this quantizer leaves its tensor in full precision (``bits == 0``)."""
+        return self.n == 0
+
+    def set_static_scale(self, scale: Tensor) -> None:
+        """Freeze per-channel ``bits``-bit scales ``(C,)`` (turned into a Parameter in learnable mode)."""
+        scale = scale.detach().to(self.scale.device, torch.float32).clone()
+        if self.scale_mode == "learnable":
+            if "scale" in self._buffers:
+                del self._buffers["scale"]
+            self.scale = nn.Parameter(scale)  # type: ignore[assignment]
+        else:
+            self.scale.copy_(scale)
+
+    def make_learnable(self) -> None:
+        """Turn the ``scale`` buffer into a Parameter (so optimizers see it); idempotent."""
+        if self.scale_mode == "learnable" and not isinstance(self.scale, nn.Parameter):
+            self.set_static_scale(self.scale)
+
+    # ------------------------------------------------------------------ maths
+    def current_scale(self, x: Tensor) -> Tensor:
+        """The ``bits``-bit scales used for ``x``: run-time maxima (dynamic) or the frozen ones."""
+        if self.scale_mode == "dynamic":
+            return F.scale_from_max(F.channel_absmax(x, self.channel_dim), self.n, bool(self.signed))
+        scale = self.scale
+        if self.scale_mode == "learnable":
+            scale = scale.abs() + 1e-12  # an optimizer step may push a scale through zero
+        return scale
+
+    def code_ranges(self, important: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-channel ``(shift, qmin, qmax)``: ``2**m`` on important channels, 1 elsewhere, and code bounds."""
+        imp = self.important if important is None else important
+        n, m = self.n, self.m
+        signed = bool(self.signed)
+        lo_n, hi_n = F.quant_range(n, signed)
+        lo_h, hi_h = F.quant_range(n + m, signed)
+        shift = torch.where(imp, 2.0**m, 1.0).to(self.scale.device)
+        qmin = torch.where(imp, lo_h, lo_n).to(self.scale.device)
+        qmax = torch.where(imp, hi_h, hi_n).to(self.scale.device)
+        return shift, qmin, qmax
+
+    def quantize_values(self, x: Tensor, important: Tensor | None = None) -> Tensor:
+        """Fake-quantize ``x`` (same shape) with this layer's scales and the given important mask."""
+        scale_n = self.current_scale(x)
+        shift, qmin, qmax = self.code_ranges(important)
+        return F.mixed_fake_quantize(x, scale_n / shift, qmin, qmax, self.channel_dim, self.fp_mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Fake-quantized ``x`` (same shape); ``x`` itself when disabled or pass-through."""
+        if self.pre_transform is not None:
+            x = self.pre_transform(x)
+        if not self.enabled or self.passthrough:
+            return x
+        if x.shape[self.channel_dim] != self.num_channels:
+            raise ValueError(
+                f"Layer {self.name!r}: expected {self.num_channels} channels on dim {self.channel_dim}, "
+                f"got a tensor of shape {tuple(x.shape)}"
+            )
+        return self.quantize_values(x)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Integer DQA codes of ``x``: ``(main, error, scale_n)`` as :func:`functional.dqa_quantize` returns."""
+        scale_n = self.current_scale(x).detach()
+        max_abs = scale_n * 2.0 ** (self.n - int(bool(self.signed)))
+        return F.dqa_quantize(x.detach(), max_abs, self.n, self.m, self.important, bool(self.signed), self.channel_dim)
+
+    def extra_repr(self) -> str:
+        """Summary shown by ``print(model)``."""
+        return (
+            f"name={self.name!r}, channels={self.num_channels}, bits={self.n}, extra_bits={self.m}, "
+            f"scale_mode={self.scale_mode}, important={int(self.important.sum())}"
+        )
