@@ -102,7 +102,6 @@ class ChannelStatsObserver(nn.Module):
         self.grad_seen = False
         self._samples: list[Tensor] = []
         self._generator = torch.Generator().manual_seed(self._seed)
-        self._pending: list[Tensor] = []  # detached activations waiting for their gradient
 
     def _flat(self, x: Tensor) -> Tensor:
         """``x`` as ``(C, values)``."""

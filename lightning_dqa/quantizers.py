@@ -72,7 +72,12 @@ class ActivationQuantizer(nn.Module):
         self.name = name
         self.register_buffer("bits", torch.tensor(int(bits)))
         self.register_buffer("extra_bits", torch.tensor(int(extra_bits)))
-        self.register_buffer("scale", torch.ones(num_channels))
+        if scale_mode == "learnable":
+            # A Parameter from the start, so the user's configure_optimizers (which runs before calibration)
+            # already sees it; calibration writes its initial value in place.
+            self.scale = nn.Parameter(torch.ones(num_channels))
+        else:
+            self.register_buffer("scale", torch.ones(num_channels))
         self.register_buffer("important", torch.zeros(num_channels, dtype=torch.bool))
         self.register_buffer("signed", torch.tensor(bool(signed)))
         self.register_buffer("calibrated", torch.tensor(False))
@@ -81,7 +86,6 @@ class ActivationQuantizer(nn.Module):
         self.fp_mask: Tensor | None = None
         # Optional transform of the input before quantization (NoisyQuant adds its noise here).
         self.pre_transform: Callable[[Tensor], Tensor] | None = None
-        self._last_stats: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -99,20 +103,10 @@ class ActivationQuantizer(nn.Module):
         """True when this quantizer leaves its tensor in full precision (``bits == 0``)."""
         return self.n == 0
 
+    @torch.no_grad()
     def set_static_scale(self, scale: Tensor) -> None:
-        """Freeze per-channel ``bits``-bit scales ``(C,)`` (turned into a Parameter in learnable mode)."""
-        scale = scale.detach().to(self.scale.device, torch.float32).clone()
-        if self.scale_mode == "learnable":
-            if "scale" in self._buffers:
-                del self._buffers["scale"]
-            self.scale = nn.Parameter(scale)  # type: ignore[assignment]
-        else:
-            self.scale.copy_(scale)
-
-    def make_learnable(self) -> None:
-        """Turn the ``scale`` buffer into a Parameter (so optimizers see it); idempotent."""
-        if self.scale_mode == "learnable" and not isinstance(self.scale, nn.Parameter):
-            self.set_static_scale(self.scale)
+        """Freeze per-channel ``bits``-bit scales ``(C,)`` (the starting point of a learnable scale)."""
+        self.scale.copy_(scale.detach().to(self.scale.device, self.scale.dtype))
 
     # ------------------------------------------------------------------ maths
     def current_scale(self, x: Tensor) -> Tensor:

@@ -1,0 +1,83 @@
+"""Static per-channel clipping maxima from calibration samples: none, percentile or MSE-optimal.
+
+The quantizer's scale follows from the maximum (``functional.scale_from_max``), so clipping is choosing a
+per-channel maximum ``M_c <= max |x_c|``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_dqa import functional as F
+
+__all__ = ["CLIP_RATIOS", "clip_max"]
+
+# Candidate clip ratios (fraction of the observed maximum) for the MSE search: 1.0 down to 0.2.
+CLIP_RATIOS = torch.linspace(1.0, 0.2, 81)
+
+
+def _percentile_max(samples: Tensor, percentile: float, max_abs: Tensor) -> Tensor:
+    if samples.shape[1] == 0 or percentile >= 100.0:
+        return max_abs
+    q = torch.quantile(samples.abs().float(), percentile / 100.0, dim=1)  # (C,)
+    return torch.minimum(q.to(max_abs.device), max_abs)
+
+
+def _mse_max(samples: Tensor, bits: Tensor, signed: bool, max_abs: Tensor, chunk: int = 16) -> Tensor:
+    """Per-channel maximum minimising ``sum (x - fq(x))**2`` over the sample, searched on :data:`CLIP_RATIOS`."""
+    if samples.shape[1] == 0:
+        return max_abs
+    x = samples.float().to(max_abs.device)  # (C, K)
+    ratios = CLIP_RATIOS.to(max_abs.device)
+    best_err = torch.full_like(max_abs, float("inf"))
+    best = max_abs.clone()
+    for start in range(0, ratios.numel(), chunk):
+        r = ratios[start : start + chunk]  # (R,)
+        cand = max_abs[None, :] * r[:, None]  # (R, C)
+        scale = F.scale_from_max(cand, bits[None, :], signed)  # (R, C)
+        exp = (bits - int(signed)).float()  # per-channel code bounds: [-2**(b-1), 2**(b-1)-1] or [0, 2**b-1]
+        qmax = torch.pow(2.0, exp) - 1  # (C,)
+        qmin = -torch.pow(2.0, exp) if signed else torch.zeros_like(qmax)
+        q = torch.clamp(torch.round(x[None] / scale[..., None]), qmin[None, :, None], qmax[None, :, None])
+        err = (q * scale[..., None] - x[None]).square().sum(dim=-1)  # (R, C)
+        val, idx = err.min(dim=0)
+        better = val < best_err
+        best_err = torch.where(better, val, best_err)
+        best = torch.where(better, cand.gather(0, idx[None]).squeeze(0), best)
+    return best
+
+
+def clip_max(
+    method: str,
+    max_abs: Tensor,
+    samples: Tensor,
+    bits: Tensor | int,
+    signed: bool,
+    percentile: float = 99.99,
+) -> Tensor:
+    """Per-channel clipping maxima.
+
+    Args:
+        method: ``none``, ``percentile`` or ``mse``.
+        max_abs: ``(C,)`` observed maxima of ``|x|``.
+        samples: ``(C, K)`` sampled values of each channel.
+        bits: code width per channel, an int or ``(C,)`` tensor (important channels search at ``n + m``).
+        signed: signed or unsigned codes.
+        percentile: used by ``percentile``.
+
+    Returns:
+        ``(C,)`` maxima, never above ``max_abs``; channels whose maximum is 0 keep 0.
+
+    Raises:
+        ValueError: for an unknown method.
+
+    """
+    if method == "none":
+        return max_abs.clone()
+    if method == "percentile":
+        return _percentile_max(samples, percentile, max_abs)
+    if method == "mse":
+        bits_t = torch.as_tensor(bits, device=max_abs.device).expand_as(max_abs)
+        return _mse_max(samples, bits_t, signed, max_abs)
+    raise ValueError(f"Expected clipping to be one of ['none', 'percentile', 'mse'], got {method!r}")
