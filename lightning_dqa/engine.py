@@ -285,7 +285,8 @@ def calibrate(
             if inputs is not None and not q.passthrough:
                 search_noisyquant(points[name], q, inputs, config)
 
-    for q in quantizers.values():
+    for name, q in quantizers.items():
+        _count_errors(q, stats[name])
         q.calibrated.fill_(True)
         if broadcast is not None:
             for buf in q.buffers():
@@ -354,6 +355,17 @@ def _rank(
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
         out[name] = rank_channels(config.ranking, stats[name], gen, layer=name)
     return out
+
+
+@torch.no_grad()
+def _count_errors(q: ActivationQuantizer, st: ChannelStats) -> None:
+    """Histogram of the shifting errors of important channels on the calibration sample (code book source)."""
+    q.error_counts.zero_()
+    if q.passthrough or not bool(q.important.any()) or st.samples.shape[1] == 0:
+        return
+    x = st.samples.t().to(q.scale.device)  # (K, C): channels on dim 1 (== -1), as every quantizer expects
+    _, err, _ = q.codes(x)
+    q.error_counts.copy_(torch.bincount(err.flatten().long(), minlength=2**q.m)[: 2**q.m])
 
 
 def _layer_report(name: str, q: ActivationQuantizer, st: ChannelStats) -> LayerReport:

@@ -32,6 +32,7 @@ class ActivationQuantizer(nn.Module):
         ``signed``: scalar bool, whether codes are signed.
         ``calibrated``: scalar bool, set once calibration froze scales and selection.
         ``bits`` / ``extra_bits``: scalar int, so a checkpoint records the widths it was made with.
+        ``error_counts``: ``(2**extra_bits,)`` calibration histogram of shifting errors (the code book's source).
 
     Args:
         num_channels: ``C``, the size of the channel axis.
@@ -81,6 +82,8 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("important", torch.zeros(num_channels, dtype=torch.bool))
         self.register_buffer("signed", torch.tensor(bool(signed)))
         self.register_buffer("calibrated", torch.tensor(False))
+        # Histogram of shifting errors on calibration data; the Huffman code book is built from it.
+        self.register_buffer("error_counts", torch.zeros(2 ** int(extra_bits), dtype=torch.int64))
         self.enabled = True
         # Channels left in full precision for one search step (the greedy ranking); never saved.
         self.fp_mask: Tensor | None = None
