@@ -1,0 +1,329 @@
+"""Huffman codec: code lengths against oracles, round trips, golden bits, and corrupted streams."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_dqa import huffman as H
+from lightning_dqa.huffman import EncodedStream, HuffmanCodebook, bit_count, decode, encode, symbol_counts
+
+FAST = settings(max_examples=60, deadline=None)
+
+
+def kraft_sum(lengths: np.ndarray) -> float:
+    return float(np.sum(2.0 ** -lengths.astype(np.float64)))
+
+
+def cost(counts: np.ndarray, lengths: np.ndarray) -> int:
+    return int(np.dot(np.maximum(np.asarray(counts, dtype=np.int64), 1), lengths))
+
+
+def brute_force_cost(weights: list[int], max_len: int) -> int:
+    """Cheapest prefix code with lengths <= max_len, by trying every length vector (tiny alphabets only)."""
+    best = None
+    for lengths in itertools.product(range(1, max_len + 1), repeat=len(weights)):
+        if sum(2.0**-v for v in lengths) <= 1.0:
+            c = sum(w * v for w, v in zip(weights, lengths, strict=True))
+            best = c if best is None else min(best, c)
+    assert best is not None
+    return best
+
+
+def sequential_encode(symbols: np.ndarray, book: HuffmanCodebook) -> tuple[bytes, int]:
+    """Slow reference encoder: concatenate code strings symbol by symbol."""
+    bits = "".join(format(int(book.codes[s]), f"0{int(book.lengths[s])}b") for s in symbols)
+    n = len(bits)
+    bits += "0" * (-n % 8)
+    return bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)), n
+
+
+counts_st = st.lists(st.integers(0, 10**6), min_size=1, max_size=64).map(np.array)
+
+
+# ------------------------------------------------------------------------------------------- code lengths
+@FAST
+@given(counts_st)
+def test_lengths_satisfy_kraft_and_match_reference_when_unlimited(counts: np.ndarray) -> None:
+    book = HuffmanCodebook.from_counts(counts)
+    assert book.lengths.shape == counts.shape
+    assert book.lengths.min() >= 1 and book.max_len <= H.MAX_CODE_LENGTH
+    assert kraft_sum(book.lengths) <= 1.0
+    ref = H.huffman_lengths_reference(np.maximum(counts, 1))
+    if len(counts) > 1:
+        assert kraft_sum(book.lengths) == 1.0  # package-merge codes are complete
+    if ref.max() <= H.MAX_CODE_LENGTH:  # the limit does not bind: optimal, like plain Huffman
+        assert cost(counts, book.lengths) == cost(counts, ref)
+
+
+@FAST
+@given(st.lists(st.integers(0, 1000), min_size=2, max_size=5), st.integers(3, 4))
+def test_length_limited_code_is_optimal_against_brute_force(weights: list[int], max_len: int) -> None:
+    book = HuffmanCodebook.from_counts(weights, max_len=max_len)
+    assert book.max_len <= max_len
+    assert cost(np.array(weights), book.lengths) == brute_force_cost([max(w, 1) for w in weights], max_len)
+
+
+def test_limit_binds_on_fibonacci_counts() -> None:
+    fib = [1, 1]
+    while len(fib) < 30:
+        fib.append(fib[-1] + fib[-2])
+    counts = np.array(fib)
+    assert H.huffman_lengths_reference(counts).max() == 29  # unlimited Huffman is a 29-deep chain
+    for max_len in (5, 8, 16):
+        book = HuffmanCodebook.from_counts(counts, max_len=max_len)
+        assert book.max_len == max_len and kraft_sum(book.lengths) == 1.0
+        assert cost(counts, book.lengths) >= cost(counts, H.huffman_lengths_reference(counts))
+
+
+def test_unseen_symbols_still_get_codes_and_degenerate_alphabets() -> None:
+    book = HuffmanCodebook.from_counts([1000, 0, 0, 0])
+    assert book.lengths.tolist() == [1, 2, 3, 3]  # zero counts floored to one
+    assert HuffmanCodebook.from_counts([0, 0, 0, 0]).lengths.tolist() == [2, 2, 2, 2]
+    single = HuffmanCodebook.from_counts([7])
+    assert single.lengths.tolist() == [1] and not single.complete
+    assert HuffmanCodebook.from_counts([5, 0]).lengths.tolist() == [1, 1]
+
+
+def test_max_m_alphabet() -> None:
+    rng = np.random.default_rng(0)
+    counts = rng.geometric(0.01, size=2**14)  # m = 14, every symbol seen a few times, skewed
+    book = HuffmanCodebook.from_counts(counts)
+    assert book.num_symbols == 2**14 and kraft_sum(book.lengths) == 1.0 and book.max_len <= 16
+    s = rng.integers(0, 2**14, size=5000)
+    assert torch.equal(decode(encode(s, book, chunk_size=64), book), torch.from_numpy(s).int())
+
+
+@pytest.mark.parametrize(
+    ("counts", "max_len", "match"),
+    [
+        ([], 16, "1-D array"),
+        ([[1, 2]], 16, "1-D array"),
+        ([1, -1], 16, "non-negative"),
+        ([1, 2, 3], 1, "max_len"),
+        ([1, 2], 17, "max_len"),
+    ],
+)
+def test_from_counts_rejects_bad_input(counts: list, max_len: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        HuffmanCodebook.from_counts(counts, max_len=max_len)
+
+
+def test_from_counts_rejects_fractional_counts() -> None:
+    with pytest.raises(TypeError, match="integer counts"):
+        HuffmanCodebook.from_counts([1.5, 2])
+    assert HuffmanCodebook.from_counts([3.0, 1.0]).lengths.tolist() == [1, 1]
+
+
+def test_from_lengths_rejects_non_prefix_codes() -> None:
+    with pytest.raises(ValueError, match="Kraft"):
+        HuffmanCodebook.from_lengths([1, 1, 2])
+    with pytest.raises(ValueError, match="code lengths in"):
+        HuffmanCodebook.from_lengths([0, 1])
+
+
+# ------------------------------------------------------------------------------------------- serialization
+@FAST
+@given(counts_st, st.integers(14, 16))
+def test_codebook_bytes_round_trip_and_exact_size(counts: np.ndarray, max_len: int) -> None:
+    book = HuffmanCodebook.from_counts(counts, max_len=max(max_len, (len(counts) - 1).bit_length()))
+    data = book.to_bytes()
+    assert len(data) == (book.size_bits + 7) // 8
+    assert HuffmanCodebook.from_bytes(data) == book
+
+
+def test_codebook_size_bits_golden() -> None:
+    # Lengths [1, 2, 3, 3]: header 16 + 4 + 3 bits, then 4 fields of bit_length(3 - 1) = 2 bits.
+    assert HuffmanCodebook.from_counts([90, 6, 3, 1]).size_bits == 23 + 4 * 2
+    # A uniform code needs no per-symbol field at all, whatever its size.
+    assert HuffmanCodebook.from_counts(np.ones(2**14, dtype=np.int64)).size_bits == 23
+
+
+def test_codebook_from_bytes_rejects_corruption() -> None:
+    data = HuffmanCodebook.from_counts([90, 6, 3, 1]).to_bytes()
+    with pytest.raises(ValueError, match="truncated"):
+        HuffmanCodebook.from_bytes(data[:2])
+    with pytest.raises(ValueError, match="needs"):
+        HuffmanCodebook.from_bytes(data[:-1])
+    with pytest.raises(ValueError, match="needs"):
+        HuffmanCodebook.from_bytes(data + b"\0")
+    with pytest.raises(ValueError, match="padding"):
+        HuffmanCodebook.from_bytes(data[:-1] + bytes([data[-1] | 1]))
+    # Header says 4 symbols, shortest length 1, width 2; fields 0,0,0,0: four 1-bit codes violate Kraft.
+    bad = np.packbits(np.r_[H._int_bits(3, 16), H._int_bits(0, 4), H._int_bits(2, 3), np.zeros(8, np.uint8)])
+    with pytest.raises(ValueError, match="Kraft"):
+        HuffmanCodebook.from_bytes(bad.tobytes())
+
+
+# ------------------------------------------------------------------------------------------- coding
+def test_golden_bit_count_and_payload() -> None:
+    # Counts 90, 6, 3, 1 -> Huffman merges 1+3, then 4+6, then 10+90: lengths 1, 2, 3, 3, and the canonical
+    # codes are 0, 10, 110, 111. The stream 0 0 1 3 0 is 0|0|10|111|0 = 00101110 = 0x2E: 8 bits, one byte.
+    book = HuffmanCodebook.from_counts([90, 6, 3, 1])
+    assert book.codes.tolist() == [0b0, 0b10, 0b110, 0b111]
+    stream = encode(np.array([0, 0, 1, 3, 0]), book)
+    assert stream.bit_count == 8 and stream.payload.tolist() == [0x2E]
+    assert stream.index_bits == 0 and stream.total_bits == 8  # one chunk: no index
+    assert bit_count([3, 1, 0, 1], book) == 8
+    # 9 symbols in chunks of 4: 3 chunks, 2 stored offsets of bit_length(bit_count) bits each.
+    stream = encode(np.array([3, 3, 3, 3, 0, 0, 0, 0, 2]), book, chunk_size=4)
+    assert stream.bit_count == 4 * 3 + 4 * 1 + 3
+    assert stream.offsets.tolist() == [0, 12, 16]
+    assert stream.index_bits == 2 * (19).bit_length()
+
+
+@FAST
+@given(
+    st.integers(1, 14),
+    st.lists(st.integers(0, 2**14 - 1), max_size=300),
+    st.integers(1, 40),
+    st.sampled_from(["skewed", "seen", "uniform"]),
+)
+def test_round_trip(m: int, raw: list[int], chunk_size: int, book_kind: str) -> None:
+    n_sym = 2**m
+    symbols = np.array(raw, dtype=np.int64) % n_sym
+    if book_kind == "seen":
+        counts = symbol_counts(symbols, n_sym)
+    elif book_kind == "skewed":
+        counts = (1000 >> np.minimum(np.arange(n_sym), 60)).astype(np.int64)
+    else:
+        counts = np.ones(n_sym, dtype=np.int64)
+    book = HuffmanCodebook.from_counts(counts)
+    stream = encode(symbols, book, chunk_size=chunk_size)
+    ref_payload, ref_bits = sequential_encode(symbols, book)
+    assert stream.bit_count == ref_bits == bit_count(symbol_counts(symbols, n_sym), book)
+    assert stream.payload.tobytes() == ref_payload
+    assert stream.count == len(symbols) and stream.num_chunks == -(-len(symbols) // chunk_size)
+    out = decode(stream, book)
+    assert out.dtype == torch.int32 and out.tolist() == symbols.tolist()
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 4096, 4097, 20000])
+@pytest.mark.parametrize("alphabet", [1, 2, 8])
+def test_round_trip_edge_sizes(n: int, alphabet: int) -> None:
+    rng = np.random.default_rng(n)
+    symbols = torch.from_numpy(rng.integers(0, alphabet, size=n).astype(np.int32))
+    book = HuffmanCodebook.from_counts(symbol_counts(symbols, alphabet))
+    stream = encode(symbols, book)
+    assert torch.equal(decode(stream, book), symbols)
+    same = torch.full((n,), alphabet - 1, dtype=torch.int32)  # all-same stream
+    assert torch.equal(decode(encode(same, book, chunk_size=512), book), same)
+
+
+def test_empty_stream() -> None:
+    book = HuffmanCodebook.from_counts([1, 1])
+    stream = encode(np.zeros(0, dtype=np.int64), book)
+    assert stream.bit_count == stream.total_bits == 0 and stream.payload.size == 0
+    assert decode(stream, book).numel() == 0
+
+
+def test_single_symbol_alphabet_uses_one_bit() -> None:
+    book = HuffmanCodebook.from_counts([3])
+    stream = encode(np.zeros(20, dtype=np.int64), book)
+    assert stream.bit_count == 20 and stream.payload.tolist() == [0, 0, 0]
+    assert decode(stream, book).tolist() == [0] * 20
+
+
+def test_encode_rejects_bad_symbols() -> None:
+    book = HuffmanCodebook.from_counts([1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"symbols in \[0, 3\]"):
+        encode(np.array([0, 4]), book)
+    with pytest.raises(ValueError, match=r"symbols in \[0, 3\]"):
+        encode(torch.tensor([0, -1], dtype=torch.int32), book)
+    with pytest.raises(TypeError, match="integer symbols"):
+        encode(np.array([0.5]), book)
+    with pytest.raises(ValueError, match="chunk_size"):
+        encode(np.array([0]), book, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------- corruption
+@pytest.fixture
+def coded() -> tuple[EncodedStream, HuffmanCodebook, np.ndarray]:
+    rng = np.random.default_rng(1)
+    symbols = rng.choice(8, size=3000, p=[0.6, 0.15, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01])
+    book = HuffmanCodebook.from_counts(symbol_counts(symbols, 8))
+    return encode(symbols, book, chunk_size=256), book, symbols
+
+
+def test_truncated_or_padded_payload_raises(coded: tuple[EncodedStream, HuffmanCodebook, np.ndarray]) -> None:
+    stream, book, _ = coded
+    with pytest.raises(ValueError, match="truncated"):
+        decode(dataclasses.replace(stream, payload=stream.payload[:-1]), book)
+    with pytest.raises(ValueError, match="truncated"):
+        decode(dataclasses.replace(stream, payload=stream.payload[: len(stream.payload) // 2]), book)
+    with pytest.raises(ValueError, match="payload bytes"):
+        decode(dataclasses.replace(stream, payload=np.r_[stream.payload, np.uint8(0)]), book)
+
+
+def test_inconsistent_counts_and_offsets_raise(coded: tuple[EncodedStream, HuffmanCodebook, np.ndarray]) -> None:
+    stream, book, _ = coded
+    for change in (
+        {"bit_count": stream.bit_count - 1},
+        {"bit_count": stream.bit_count + 8},
+        {"count": stream.count + 1},
+        {"count": stream.count - 1},
+        {"count": -1},
+        {"chunk_size": 128},
+        {"offsets": stream.offsets + 1},
+        {"offsets": stream.offsets[:-1]},
+        {"offsets": np.r_[stream.offsets[:3], stream.offsets[4] - 1, stream.offsets[4:]]},
+    ):
+        with pytest.raises(ValueError):
+            decode(dataclasses.replace(stream, **change), book)
+
+
+def test_wrong_codebook_raises(coded: tuple[EncodedStream, HuffmanCodebook, np.ndarray]) -> None:
+    stream, _, _ = coded
+    with pytest.raises(ValueError):
+        decode(stream, HuffmanCodebook.from_counts(np.ones(8, dtype=np.int64)))
+
+
+def test_invalid_prefix_raises() -> None:
+    book = HuffmanCodebook.from_counts([5])  # only the code "0" exists
+    stream = encode(np.zeros(16, dtype=np.int64), book)
+    bad = stream.payload.copy()
+    bad[1] = 0x01  # the last bit becomes "1": no code starts with it
+    with pytest.raises(ValueError, match="Corrupted"):
+        decode(dataclasses.replace(stream, payload=bad), book)
+    incomplete = HuffmanCodebook.from_lengths([1, 2])  # codes 0 and 10; "11" is no code
+    stream = encode(np.array([1, 0, 1, 0]), incomplete)  # 10 0 10 0 -> 10010000
+    bad = np.array([0b11010000], dtype=np.uint8)  # "11" in place of "10": the same bit count
+    with pytest.raises(ValueError, match="Corrupted"):
+        decode(dataclasses.replace(stream, payload=bad), incomplete)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_bit_flips_raise_or_decode_in_range_quickly(data: st.DataObject) -> None:
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    symbols = rng.choice(8, size=2000, p=[0.6, 0.15, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01])
+    book = HuffmanCodebook.from_counts(symbol_counts(symbols, 8))
+    stream = encode(symbols, book, chunk_size=data.draw(st.sampled_from([64, 500, 4096])))
+    bad = stream.payload.copy()
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, stream.bit_count - 1))
+        bad[pos // 8] ^= np.uint8(0x80 >> (pos % 8))
+    start = time.perf_counter()
+    try:
+        out = decode(dataclasses.replace(stream, payload=bad), book)
+    except ValueError:
+        pass
+    else:  # undetectable corruption (code boundaries unchanged): still well formed
+        assert out.shape == (len(symbols),) and int(out.min()) >= 0 and int(out.max()) < 8
+    assert time.perf_counter() - start < 1.0
+
+
+def test_bit_count_rejects_bad_histograms() -> None:
+    book = HuffmanCodebook.from_counts([1, 1])
+    with pytest.raises(ValueError, match="at most 2"):
+        bit_count([1, 2, 3], book)
+    with pytest.raises(ValueError, match="non-negative"):
+        bit_count([-1], book)
+    assert bit_count(torch.tensor([4]), book) == 4
