@@ -171,7 +171,17 @@ class _Collector:
             h.remove()
 
 
-def calibrate(
+def calibrate(*args: Any, **kwargs: Any) -> CalibrationReport:
+    """Collect statistics, rank channels, freeze scales and selection, and switch the quantizers on.
+
+    Runs outside ``torch.inference_mode`` (Lightning evaluates under it, and tensors created there could
+    neither update statistics in place later nor join autograd). See :func:`_calibrate` for the arguments.
+    """
+    with torch.inference_mode(False):
+        return _calibrate(*args, **kwargs)
+
+
+def _calibrate(
     model: nn.Module,
     config: DQAConfig,
     batches: Iterable[Batch],
@@ -242,8 +252,10 @@ def calibrate(
                 size = num_samples - seen
             if config.needs_gradients:
                 assert loss_fn is not None
-                with torch.enable_grad():
-                    loss = loss_fn(model, batch)
+                # Lightning evaluates under inference_mode, which enable_grad alone does not lift; tensors
+                # made inside it (the batch) cannot join autograd, so they are cloned out of it.
+                with torch.inference_mode(False), torch.enable_grad():
+                    loss = loss_fn(model, _clone_inference(batch))
                     acts, collector.activations = collector.activations, []
                     if acts:
                         torch.autograd.grad(loss, acts, allow_unused=True)
@@ -299,6 +311,17 @@ def calibrate(
     rank_seconds = time.perf_counter() - t1
     layers = [_layer_report(name, quantizers[name], stats[name]) for name in order]
     return CalibrationReport(seen, stats_seconds, rank_seconds, order, layers, stats)
+
+
+def _clone_inference(batch: Batch) -> Batch:
+    """The batch with every inference-mode tensor replaced by an ordinary copy."""
+    if isinstance(batch, Tensor):
+        return batch.clone() if batch.is_inference() else batch
+    if isinstance(batch, dict):
+        return {k: _clone_inference(v) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_clone_inference(v) for v in batch)
+    return batch
 
 
 def _truncate(batch: Batch, n: int) -> Batch:

@@ -1,0 +1,431 @@
+"""``DQACallback``: DQA activation quantization inside Lightning's fit / validate / test lifecycle.
+
+The callback is thin orchestration over :mod:`lightning_dqa.engine`:
+
+* ``setup`` installs quantizers (registered buffers, never a replaced ``forward``) before Lightning restores
+  checkpoint weights and wraps the model for DDP, and checks a checkpoint's quantizer layout.
+* Calibration runs once, after the model is on its device: at fit start for quantization-aware fine-tuning
+  (or once ``delay_steps`` optimizer steps have passed), at validate / test start for post-training
+  quantization, never during the sanity check, and never again once the quantizer state is calibrated
+  (a resumed run or a calibrated checkpoint keeps its state bit for bit).
+* Under DDP each rank reads its share of the calibration samples, statistics are reduced with the
+  strategy's ``reduce`` and the final quantizer state is broadcast from rank 0.
+* Measured activation memory (a torchmetrics ledger) is logged at the end of every validation / test epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_dqa.attach import quantizers_of
+from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_quantizer_layout
+from lightning_dqa.config import DQAConfig
+from lightning_dqa.engine import CalibrationReport, calibrate, default_batch_size, prepare, set_quantizers_enabled
+from lightning_dqa.meter import MemoryMeter
+
+__all__ = ["DQACallback"]
+
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+
+
+class DQACallback(Callback):
+    """Quantize a LightningModule's activations with DQA: ``Trainer(callbacks=[DQACallback(bits=4)])``.
+
+    Quantization settings (see :class:`lightning_dqa.DQAConfig` for each):
+        bits, extra_bits, ratio, method, ranking, scale_mode, code, clipping, percentile, where, layer_types,
+        include, exclude, first_layer_bits, last_layer_bits, seed.
+
+    Lifecycle settings:
+        calibration_samples: samples (not batches) read for calibration, split over ranks.
+        calibration_source: ``train`` (default; a ``calibration_dataloader()`` method of the datamodule or
+            module is used when present, e.g. non-augmented training images) or ``val``.
+        delay_steps: optimizer steps of full-precision training before fake quantization starts (fit only).
+        greedy_objective: what the greedy ranking maximises: ``accuracy`` (correct predictions, the paper)
+            or ``loss`` (negative cross-entropy).
+        ignore_index: target value ignored by the default calibration loss and objective (segmentation void).
+        measure_memory: measure bits per stored activation value on validation / test batches.
+        log_per_layer: also log each layer's bits per value.
+        fp32_baseline: before quantizing (validate / test), evaluate the model once in full precision and log
+            ``dqa/fp32_acc`` (correct predictions of ``argmax(dim=1)``, ``ignore_index`` excluded), to sit
+            next to the user's own quantized metric.
+        export_path: write the deployment artifact (:mod:`lightning_dqa.export`) there after calibration.
+        verbose: print the calibration summary table.
+
+    Raises:
+        ValueError: at construction, for any invalid argument (the message names it).
+
+    Override :meth:`split_batch`, :meth:`calibration_loss`, :meth:`calibration_objective` or
+    :meth:`calibration_dataloader` for batches or tasks the defaults do not fit.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        extra_bits: int = 3,
+        ratio: float = 0.4,
+        method: Literal["dqa", "direct", "noisyquant", "fp32"] = "dqa",
+        ranking: str = "fisher",
+        scale_mode: Literal["dynamic", "static", "learnable"] = "static",
+        code: Literal["signed", "unsigned", "auto"] = "auto",
+        clipping: Literal["none", "percentile", "mse"] = "mse",
+        percentile: float = 99.99,
+        where: Literal["input", "output"] = "input",
+        layer_types: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        first_layer_bits: int | None = 8,
+        last_layer_bits: int | None = None,
+        seed: int = 0,
+        calibration_samples: int = 1000,
+        calibration_source: Literal["train", "val"] = "train",
+        delay_steps: int = 0,
+        greedy_objective: Literal["accuracy", "loss"] = "accuracy",
+        ignore_index: int = -100,
+        measure_memory: bool = True,
+        log_per_layer: bool = False,
+        fp32_baseline: bool = False,
+        export_path: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = DQAConfig(
+            bits=bits,
+            extra_bits=extra_bits,
+            ratio=ratio,
+            method=method,
+            ranking=ranking,
+            scale_mode=scale_mode,
+            code=code,
+            clipping=clipping,
+            percentile=percentile,
+            where=where,
+            layer_types=tuple(layer_types) if layer_types is not None else ("Conv2d", "Linear"),
+            include=tuple(include or ()),
+            exclude=tuple(exclude or ()),
+            first_layer_bits=first_layer_bits,
+            last_layer_bits=last_layer_bits,
+            seed=seed,
+        )
+        if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+            raise ValueError(f"Expected calibration_samples to be a positive int, got {calibration_samples!r}")
+        if calibration_source not in ("train", "val"):
+            raise ValueError(f"Expected calibration_source to be 'train' or 'val', got {calibration_source!r}")
+        if isinstance(delay_steps, bool) or not isinstance(delay_steps, int) or delay_steps < 0:
+            raise ValueError(f"Expected delay_steps to be a non-negative int, got {delay_steps!r}")
+        if greedy_objective not in ("accuracy", "loss"):
+            raise ValueError(f"Expected greedy_objective to be 'accuracy' or 'loss', got {greedy_objective!r}")
+        self.calibration_samples = calibration_samples
+        self.calibration_source = calibration_source
+        self.delay_steps = delay_steps
+        self.greedy_objective = greedy_objective
+        self.ignore_index = ignore_index
+        self.measure_memory = measure_memory
+        self.log_per_layer = log_per_layer
+        self.fp32_baseline = fp32_baseline
+        self.export_path = export_path
+        self.verbose = verbose
+        self.report: CalibrationReport | None = None
+        self.fp32_metric: float | None = None
+        self._meter: MemoryMeter | None = None
+        self._user_strict = True
+
+    # ------------------------------------------------------------------ identity and state
+    @property
+    def state_key(self) -> str:
+        """One DQACallback per Trainer; its checkpoint entry is found by this key."""
+        return CALLBACK_STATE_KEY
+
+    def state_dict(self) -> dict[str, Any]:
+        """The config is saved so a checkpoint can be restored outside a Trainer (``load_quantized``)."""
+        return {"config": self.config.to_dict(), "calibration_samples": self.calibration_samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn-free check that the checkpoint was made with the same quantizer settings."""
+        saved = state_dict.get("config", {})
+        mine = self.config.to_dict()
+        for key in ("bits", "extra_bits", "method", "where"):
+            if key in saved and saved[key] != mine[key]:
+                raise ValueError(
+                    f"Checkpoint was calibrated with {key}={saved[key]!r} but DQACallback has {key}={mine[key]!r}"
+                )
+
+    # ------------------------------------------------------------------ lifecycle hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Install quantizers before checkpoint weights are restored and before the DDP wrap."""
+        name = type(trainer.strategy).__name__
+        if any(name.startswith(s) for s in _UNSUPPORTED_STRATEGIES):
+            raise ValueError(
+                f"DQACallback supports single-device and DDP strategies, got {name}: FSDP, DeepSpeed and model "
+                f"parallel shard the layers it quantizes; use strategy='ddp'"
+            )
+        if not quantizers_of(pl_module):
+            prepare(pl_module, self.config)
+        self._meter = MemoryMeter(pl_module) if self.measure_memory else None
+        # Lightning loads checkpoint weights after this hook; the checkpoint may be full precision (no
+        # quantizer entries). Loading is made lenient here and checked strictly in on_load_checkpoint.
+        self._user_strict = pl_module.strict_loading
+        pl_module.strict_loading = False
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Check the checkpoint's quantizer layout (and, unless the user relaxed it, every other key)."""
+        state = checkpoint["state_dict"]
+        has_quantizers = check_quantizer_layout(pl_module, state)
+        if self._user_strict:
+            mine = pl_module.state_dict().keys()
+            missing = [k for k in mine if k not in state and (has_quantizers or ".dqa_quantizer." not in k)]
+            unexpected = [k for k in state if k not in mine]
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(pl_module).__name__}: missing keys {missing[:5]}, "
+                    f"unexpected keys {unexpected[:5]}"
+                )
+        if not has_quantizers:
+            rank_zero_info("DQACallback: the checkpoint is full precision; its quantizers will be calibrated")
+        pl_module.strict_loading = self._user_strict
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate for quantization-aware fine-tuning (unless resumed or delayed)."""
+        if self.delay_steps == 0:
+            self._ensure_calibrated(trainer, pl_module)
+        self._sync_enabled(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Start fake quantization once ``delay_steps`` optimizer steps have passed."""
+        if trainer.global_step >= self.delay_steps:
+            self._ensure_calibrated(trainer, pl_module)
+        self._sync_enabled(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Post-training quantization for ``validate``; nothing during fit's sanity check."""
+        if trainer.sanity_checking or trainer.state.fn == "fit":
+            self._sync_enabled(trainer, pl_module)
+        else:
+            self._start_evaluation(trainer, pl_module, "val")
+        self._reset_meter()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Post-training quantization for ``test``."""
+        self._start_evaluation(trainer, pl_module, "test")
+        self._reset_meter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log measured activation memory."""
+        self._log_memory(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log measured activation memory."""
+        self._log_memory(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Stop measuring (the quantizers stay installed and calibrated on the module)."""
+        if self._meter is not None:
+            self._meter.active = False
+
+    # ------------------------------------------------------------------ extension points
+    def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """``(inputs, targets)`` of a batch: ``(x, y, ...)`` sequences or dicts with common key names."""
+        if isinstance(batch, list | tuple):
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        if isinstance(batch, dict):
+            x = next((batch[k] for k in ("x", "input", "inputs", "image", "images") if k in batch), None)
+            y = next((batch[k] for k in ("y", "target", "targets", "label", "labels", "mask") if k in batch), None)
+            if x is not None:
+                return x, y
+        if isinstance(batch, Tensor):
+            return batch, None
+        raise TypeError(
+            f"DQACallback cannot split a batch of type {type(batch).__name__} into inputs and targets; "
+            f"override DQACallback.split_batch"
+        )
+
+    def calibration_loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        """Loss whose activation gradients drive the ``fisher`` / ``saliency`` rankings (cross-entropy)."""
+        x, y = self.split_batch(batch)
+        if y is None:
+            raise ValueError(f"Ranking {self.config.ranking!r} needs targets, but the calibration batches have none")
+        return F.cross_entropy(pl_module(x), y, ignore_index=self.ignore_index)
+
+    def calibration_objective(self, output: Tensor, batch: Any) -> Tensor:
+        """Summed score of one batch for the greedy search (higher is better)."""
+        _, y = self.split_batch(batch)
+        if y is None:
+            raise ValueError("Ranking 'greedy' needs targets, but the calibration batches have none")
+        if self.greedy_objective == "loss":
+            return -F.cross_entropy(output, y, ignore_index=self.ignore_index, reduction="sum")
+        valid = y != self.ignore_index
+        return ((output.argmax(dim=1) == y) & valid).sum()
+
+    def calibration_dataloader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Any]:
+        """Where calibration samples come from (see ``calibration_source``)."""
+        sources = [s for s in (trainer.datamodule, pl_module) if s is not None]
+        if self.calibration_source == "train":
+            for source in sources:
+                fn = getattr(source, "calibration_dataloader", None)
+                if callable(fn):
+                    return fn()
+            attempts = [getattr(s, "train_dataloader", None) for s in sources]
+        else:
+            attempts = [getattr(s, "val_dataloader", None) for s in sources]
+        for fn in attempts:
+            if callable(fn):
+                try:
+                    loader = fn()
+                except (NotImplementedError, AttributeError, TypeError):
+                    continue
+                if loader is not None:
+                    return loader
+        if self.calibration_source == "val" and trainer.val_dataloaders is not None:
+            return trainer.val_dataloaders
+        raise ValueError(
+            f"DQACallback found no {self.calibration_source} dataloader for calibration_source="
+            f"{self.calibration_source!r}: pass a datamodule with {self.calibration_source}_dataloader() or set "
+            f"calibration_source to the other one"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _calibrated(self, pl_module: pl.LightningModule) -> bool:
+        qs = quantizers_of(pl_module).values()
+        return bool(qs) and all(bool(q.calibrated) for q in qs)
+
+    def _sync_enabled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        active = self._calibrated(pl_module) and trainer.global_step >= self.delay_steps
+        set_quantizers_enabled(pl_module, active)
+
+    def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._calibrated(pl_module):
+            if self.fp32_baseline:
+                self._evaluate_fp32(trainer, pl_module, stage)
+            self._ensure_calibrated(trainer, pl_module)
+        set_quantizers_enabled(pl_module, True)
+
+    def _ensure_calibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._calibrated(pl_module):
+            return
+        loader = self.calibration_dataloader(trainer, pl_module)
+        world, rank = trainer.world_size, trainer.global_rank
+        per_rank = math.ceil(self.calibration_samples / world)
+        bar = self._progress_bar(trainer, per_rank)
+        strategy = trainer.strategy
+
+        def forward(model: torch.nn.Module, batch: Any) -> Tensor:
+            return model(self.split_batch(batch)[0])
+
+        def reducer(t: Tensor, op: str) -> Tensor:
+            if op == "cat":
+                gathered = strategy.all_gather(t)
+                return gathered if world == 1 else torch.cat(list(gathered.unbind(0)), dim=-1)
+            if world == 1:
+                return t
+            red = {
+                "sum": torch.distributed.ReduceOp.SUM,
+                "max": torch.distributed.ReduceOp.MAX,
+                "min": torch.distributed.ReduceOp.MIN,
+            }[op]
+            return strategy.reduce(t.clone(), reduce_op=red)
+
+        try:
+            self.report = calibrate(
+                pl_module,
+                self.config,
+                self._rank_shard(loader, strategy, world, rank),
+                forward_fn=forward,
+                loss_fn=self.calibration_loss,
+                objective_fn=self.calibration_objective,
+                num_samples=per_rank,
+                batch_size_fn=default_batch_size,
+                reducer=reducer,
+                broadcast=(lambda t: strategy.broadcast(t, src=0)) if world > 1 else None,
+                progress=bar.update if bar is not None else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        samples = self.report.samples * world
+        for logger in trainer.loggers:  # self.log is not allowed in on_fit_start / on_*_start hooks
+            logger.log_metrics({"dqa/calibration_samples": float(samples)}, step=trainer.global_step)
+        if self.verbose:
+            rank_zero_info(
+                f"DQA calibration: {samples} samples, statistics {self.report.stats_seconds:.1f}s, "
+                f"ranking {self.report.rank_seconds:.1f}s ({self.config.method}, {self.config.ranking}, "
+                f"n={self.config.bits}, m={self.config.extra_bits}, r={self.config.effective_ratio})\n"
+                f"{self.report.table()}"
+            )
+        if self._meter is not None:
+            self._meter.build_codebooks(self.report)
+        if self.export_path and trainer.is_global_zero:
+            from lightning_dqa.export import export_artifact
+
+            export_artifact(pl_module, self.export_path, self.config)
+
+    def _rank_shard(self, loader: Iterable[Any], strategy: Any, world: int, rank: int) -> Iterator[Any]:
+        """This rank's batches (every ``world``-th one) moved to the device."""
+        for i, batch in enumerate(loader):
+            if i % world == rank:
+                yield strategy.batch_to_device(batch)
+
+    def _progress_bar(self, trainer: pl.Trainer, total: int) -> Any:
+        if trainer.progress_bar_callback is None or not trainer.is_global_zero:
+            return None
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        return Tqdm(total=total, desc="DQA calibration", unit="sample", dynamic_ncols=True, leave=True)
+
+    @torch.no_grad()
+    def _evaluate_fp32(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        if loader is None:
+            return
+        set_quantizers_enabled(pl_module, False)
+        was_training = pl_module.training
+        pl_module.eval()
+        correct = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        total = torch.zeros_like(correct)
+        for batch in loader:
+            batch = trainer.strategy.batch_to_device(batch)
+            x, y = self.split_batch(batch)
+            if y is None:
+                return
+            pred = pl_module(x).argmax(dim=1)
+            valid = y != self.ignore_index
+            correct += ((pred == y) & valid).sum()
+            total += valid.sum()
+        correct = trainer.strategy.reduce(correct, reduce_op="sum")
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+        pl_module.train(was_training)
+        self.fp32_metric = float(correct / total.clamp(min=1))
+
+    def _reset_meter(self) -> None:
+        if self._meter is not None:
+            self._meter.reset()
+            self._meter.active = True
+
+    def _log_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self.fp32_metric is not None:
+            pl_module.log("dqa/fp32_acc", self.fp32_metric, sync_dist=False)
+        if self._meter is None or not self._calibrated(pl_module) or not self._meter.has_data():
+            return
+        summary = self._meter.compute()
+        pl_module.log("dqa/bits_per_value", summary["bits_per_value"])
+        pl_module.log("dqa/activation_bytes_per_sample", summary["bytes_per_sample"])
+        pl_module.log("dqa/fp32_activation_bytes_per_sample", summary["fp32_bytes_per_sample"])
+        pl_module.log("dqa/memory_saving", summary["saving"])
+        if self.log_per_layer:
+            for layer, bpv in summary["per_layer_bits_per_value"].items():
+                pl_module.log(f"dqa/layer/{layer}/bits_per_value", bpv)
+        self._meter.active = False

@@ -1,0 +1,31 @@
+"""The ``lightning-dqa`` command: LightningCLI with ``fit``, ``validate`` and ``test`` over YAML configs.
+
+Any LightningModule and LightningDataModule can be named by ``class_path``; ``DQACallback`` goes in
+``trainer.callbacks``. Working configs live in ``examples/configs/``::
+
+    lightning-dqa validate --config examples/configs/resnet32_cifar10_ptq.yaml
+    lightning-dqa fit --config examples/configs/resnet32_cifar10_qat.yaml
+    lightning-dqa validate --config examples/configs/resnet32_cifar10_ptq.yaml --print_config
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["main"]
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Run the CLI (``args`` default to ``sys.argv[1:]``); returns the CLI object (for tests)."""
+    return LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

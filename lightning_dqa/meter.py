@@ -1,0 +1,101 @@
+"""Measure the bits of every stored activation during evaluation: forward hooks on the quantizers.
+
+For each quantized tensor the meter computes the real DQA codes, counts ``n`` bits per main code, the
+exact Huffman-coded bits of the shifting errors (code book built from the calibration histogram
+``error_counts``), and the side information (per-channel scales and the code book), and adds them to a
+:class:`lightning_dqa.accounting.MemoryLedger` (a torchmetrics Metric, so totals sync under DDP).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dqa.accounting import MemoryLedger, tensor_bits
+from lightning_dqa.attach import quantizers_of
+from lightning_dqa.huffman import HuffmanCodebook
+from lightning_dqa.quantizers import ActivationQuantizer
+
+__all__ = ["MemoryMeter"]
+
+
+class MemoryMeter:
+    """Adds every quantized activation of ``model`` to a memory ledger while ``active``.
+
+    Args:
+        model: a model with quantizers installed.
+
+    Example:
+        >>> meter = MemoryMeter(model)  # doctest: +SKIP
+        >>> meter.active = True; model(x); meter.compute()["bits_per_value"]  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.quantizers = quantizers_of(model)
+        self.names = list(self.quantizers)
+        self.ledger = MemoryLedger(self.names)
+        self.active = False
+        self._books: dict[str, HuffmanCodebook] = {}
+        self._handles = [q.register_forward_hook(self._hook(name)) for name, q in self.quantizers.items()]
+
+    def build_codebooks(self, report: Any = None) -> None:
+        """(Re)build each layer's code book from its calibration histogram of shifting errors."""
+        self._books = {name: HuffmanCodebook.from_counts(q.error_counts.cpu()) for name, q in self.quantizers.items()}
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if self.active and isinstance(module, ActivationQuantizer) and module.enabled and bool(module.calibrated):
+                self.measure(name, module, args[0])
+
+        return hook
+
+    @torch.no_grad()
+    def measure(self, name: str, q: ActivationQuantizer, x: Tensor) -> None:
+        """Add one stored tensor ``x`` (a batch; each sample counted on its own) to the ledger.
+
+        A pass-through quantizer (a layer left in full precision) stores float32: 32 bits per value.
+        """
+        self.ledger.to(x.device)
+        samples = int(x.shape[0]) if x.ndim > 1 else 1
+        if q.passthrough:
+            self.ledger.update(name, numel=x.numel(), main_bits=32 * x.numel(), tensors=samples)
+            return
+        if name not in self._books:
+            self.build_codebooks()
+        main, error, scale_n = q.codes(x)
+        scales = "dynamic" if q.scale_mode == "dynamic" else "static"
+        book = self._books[name] if error.numel() else None
+        self.ledger.update_bits(name, tensor_bits(main, error, scale_n, q.n, book, scales=scales, batch_dim=0))
+
+    def reset(self) -> None:
+        """Clear the ledger (start of an evaluation epoch)."""
+        self.ledger.reset()
+
+    def has_data(self) -> bool:
+        """Whether anything was measured since the last reset (on this rank)."""
+        return bool(self.ledger.ledger[:, -1].sum() > 0)
+
+    def compute(self) -> dict[str, Any]:
+        """Summary over all ranks: bits per value, bytes per sample (quantized and FP32), saving, per layer.
+
+        Returns:
+            ``bits_per_value``, ``bytes_per_sample``, ``fp32_bytes_per_sample``, ``saving`` (floats),
+            ``per_layer_bits_per_value`` (dict) and ``ledger`` (the ledger's full dict of tensors).
+        """
+        out = self.ledger.compute()
+        samples = float(max(float(out[f"{n}/tensors"]) for n in self.names))
+        return {
+            "bits_per_value": float(out["total/bits_per_value"]),
+            "bytes_per_sample": float(out["total/memory_bytes"]) / samples,
+            "fp32_bytes_per_sample": float(out["total/fp32_bytes"]) / samples,
+            "saving": float(out["total/saving_vs_fp32"]),
+            "per_layer_bits_per_value": {n: float(out[f"{n}/bits_per_value"]) for n in self.names},
+            "ledger": out,
+        }
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
