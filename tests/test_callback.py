@@ -226,7 +226,7 @@ def test_unsupported_strategy_is_refused():
     class FakeTrainer:
         strategy = FSDPStrategy()
 
-    with pytest.raises(ValueError, match="FSDPStrategy.*ddp"):
+    with pytest.raises(ValueError, match=r"FSDPStrategy.*ddp"):
         DQACallback().setup(FakeTrainer(), TinyNet(), "fit")
 
 

@@ -1,0 +1,87 @@
+"""The lightning-dqa command (LightningCLI): YAML configs run, and --print_config round-trips."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_dqa.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+  enable_checkpointing: false
+  enable_model_summary: false
+  max_epochs: 1
+  callbacks:
+    - class_path: lightning_dqa.DQACallback
+      init_args:
+        bits: 3
+        ranking: energy
+        calibration_samples: 64
+model:
+  class_path: tiny.TinyNet
+  init_args:
+    width: 8
+data:
+  class_path: tiny.TinyData
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_CONFIG)
+    return path
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "fit"])
+def test_cli_runs_each_subcommand(tiny_config, tmp_path, subcommand):
+    cli = main([subcommand, "--config", str(tiny_config), "--trainer.default_root_dir", str(tmp_path)])
+    from lightning_dqa.attach import quantizers_of
+
+    assert all(bool(q.calibrated) for q in quantizers_of(cli.model).values())
+    if subcommand != "fit":
+        assert "dqa/bits_per_value" in cli.trainer.callback_metrics
+
+
+def test_print_config_round_trips(tiny_config, tmp_path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["validate", "--config", str(tiny_config), "--print_config"])
+    printed = yaml.safe_load(out.getvalue())
+    cb = printed["trainer"]["callbacks"][0]
+    assert cb["class_path"] == "lightning_dqa.DQACallback" and cb["init_args"]["bits"] == 3
+    again = tmp_path / "again.yaml"
+    again.write_text(out.getvalue())
+    out2 = io.StringIO()
+    with contextlib.redirect_stdout(out2), pytest.raises(SystemExit):
+        main(["validate", "--config", str(again), "--print_config"])
+    assert yaml.safe_load(out2.getvalue()) == printed
+
+
+def test_invalid_callback_argument_in_yaml_names_it(tiny_config, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_CONFIG.replace("bits: 3", "bits: 12"))
+    with pytest.raises((ValueError, SystemExit)):
+        main(["validate", "--config", str(bad)])
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config):
+    out = io.StringIO()
+    subcommand = "fit" if "qat" in config.name or "train" in config.name else "validate"
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
+        main([subcommand, "--config", str(config), "--print_config"])
+    assert exc.value.code in (0, None)
+    assert yaml.safe_load(out.getvalue())["model"]["class_path"]
