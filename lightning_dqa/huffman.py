@@ -42,6 +42,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 import torch
@@ -559,16 +560,32 @@ def encode(
     else:
         codes, lengths = codebook.codes[s], codebook._lengths_u8[s]
     payload, total, starts = _place(codes, lengths)
-    offsets = starts[:: chunk_size // g].copy()  # chunk k starts at symbol k * chunk_size = element k * chunk_size / g
+    # Chunk k starts at symbol k * chunk_size, a group boundary (g divides chunk_size): element k * chunk_size / g.
+    offsets = starts[np.arange(-(-n // chunk_size), dtype=np.int64) * (chunk_size // g)]
     return EncodedStream(payload, total, n, chunk_size, offsets)
 
 
-def decode(stream: EncodedStream, codebook: HuffmanCodebook) -> Tensor:
-    """Decode an :class:`EncodedStream`: all chunks in lock-step, one table lookup per chunk and step.
+def decode(
+    stream: EncodedStream, codebook: HuffmanCodebook, method: Literal["auto", "lockstep", "doubling"] = "auto"
+) -> Tensor:
+    """Decode an :class:`EncodedStream`.
+
+    Two vectorized decoders, same result:
+
+    * ``lockstep``: all chunks advance together, one table lookup per chunk and step (``chunk_size`` steps).
+      Fast when there are many chunks, since each step's numpy calls then cover many lanes.
+    * ``doubling``: the length of the code that would start at *every* bit position is looked up at once,
+      which gives ``next(p)``, the start of the following code; the code starts of each chunk are then its
+      orbit under ``next``, built by pointer doubling in ``log2(chunk_size)`` vectorized steps. Fast for
+      streams of few chunks, where lock-step would be a Python loop over single symbols.
+
+    ``auto`` picks the one a rough cost model (per-call overhead of a lock-step, work per bit of a doubling
+    step, measured on one CPU core) expects to be faster: lock-step for long streams, doubling for short ones.
 
     Args:
         stream: what :func:`encode` returned.
         codebook: the code it was encoded with.
+        method: ``auto``, ``lockstep`` or ``doubling``.
 
     Returns:
         ``(stream.count,)`` int32 tensor of symbols.
@@ -580,20 +597,49 @@ def decode(stream: EncodedStream, codebook: HuffmanCodebook) -> Tensor:
             carry no redundancy.)
 
     """
-    n, k, total = _check_stream(stream, codebook)
+    if method != "auto" and method not in _DECODERS:
+        raise ValueError(f"Expected method to be one of {['auto', *_DECODERS]}, got {method!r}")
+    payload, offsets, n, k, total = _check_stream(stream, codebook)
     if n == 0:
         return torch.zeros(0, dtype=torch.int32)
-    lanes = stream.num_chunks
+    lanes = offsets.shape[0]
     steps = k if lanes > 1 else n
     last_steps = n - (lanes - 1) * k  # symbols of the last chunk
-    lmax = codebook.max_len
+    if method == "auto":
+        lockstep_ns = 5000 * steps + 6 * n
+        doubling_ns = 2 * total * max(steps - 1, 1).bit_length() + 10 * n
+        method = "lockstep" if lockstep_ns < doubling_ns else "doubling"
+    symbols, ends, last_end = _DECODERS[method](payload, offsets, total, steps, last_steps, codebook)
+    if lanes > 1 and not np.array_equal(ends, offsets[1:]):
+        bad = int(np.flatnonzero(ends != offsets[1:])[0])
+        raise ValueError(
+            f"Corrupted stream: chunk {bad} ends at bit {int(ends[bad])}, the next chunk starts at "
+            f"{int(offsets[bad + 1])}"
+        )
+    if last_end != total:
+        raise ValueError(f"Corrupted stream: the codes end at bit {last_end}, the payload holds {total} bits")
+    symbols = symbols[:n]
+    if not codebook.complete and symbols.min() < 0:
+        raise ValueError("Corrupted stream: a bit string starts no code of this code book")
+    return torch.from_numpy(np.ascontiguousarray(symbols))
+
+
+def _window(payload: np.ndarray, pad: int) -> np.ndarray:
+    """``window[i]``: the 32 bits starting at byte ``i`` (big-endian), over the payload plus ``pad`` zero bytes."""
+    buf = np.concatenate([payload, np.zeros(pad + 3, dtype=np.uint8)]).astype(np.uint32)
+    return (buf[:-3] << 24) | (buf[1:-2] << 16) | (buf[2:-1] << 8) | buf[3:]
+
+
+def _decode_lockstep(
+    payload: np.ndarray, offsets: np.ndarray, total: int, steps: int, last_steps: int, codebook: HuffmanCodebook
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """All chunks in lock-step; returns ``(symbols lane by lane, end bit of every chunk but the last, last end)``."""
+    lanes, lmax = offsets.shape[0], codebook.max_len
     sym_table, len_table = codebook._decode_tables
-    # 32-bit big-endian window starting at every byte; padding covers every lane running up to `steps` codes
-    # of max_len bits past its start, however corrupted the stream, so no lookup leaves the array.
-    pad = (steps * lmax) // 8 + 8
-    buf = np.concatenate([stream.payload, np.zeros(pad, dtype=np.uint8)]).astype(np.uint32)
-    window = (buf[:-3] << 24) | (buf[1:-2] << 16) | (buf[2:-1] << 8) | buf[3:]
-    pos = stream.offsets.astype(np.uint32 if total + steps * lmax < 2**32 - 64 else np.uint64)
+    # Padding covers every lane running `steps` codes of max_len bits past its start, however corrupted the
+    # stream, so no lookup leaves the array.
+    window = _window(payload, (steps * lmax) // 8 + 8)
+    pos = offsets.astype(np.uint32 if total + steps * lmax < 2**32 - 64 else np.uint64)
     out = np.empty((steps, lanes), dtype=np.int32)
     byte = np.empty_like(pos)
     bit = np.empty_like(pos)
@@ -611,28 +657,56 @@ def decode(stream: EncodedStream, codebook: HuffmanCodebook) -> Tensor:
         pos += len_table[peek]
     if last_steps == steps:
         last_end = int(pos[-1])
-    if lanes > 1 and not np.array_equal(pos[:-1], stream.offsets[1:]):
-        bad = int(np.flatnonzero(pos[:-1] != stream.offsets[1:])[0])
-        raise ValueError(
-            f"Corrupted stream: chunk {bad} ends at bit {int(pos[bad])}, the next chunk starts at "
-            f"{int(stream.offsets[bad + 1])}"
-        )
-    if last_end != total:
-        raise ValueError(f"Corrupted stream: the codes end at bit {last_end}, the payload holds {total} bits")
-    symbols = out.T.reshape(-1)[:n]
-    if not codebook.complete and symbols.min() < 0:
-        raise ValueError("Corrupted stream: a bit string starts no code of this code book")
-    return torch.from_numpy(np.ascontiguousarray(symbols))
+    return out.T.reshape(-1), pos[:-1], last_end
 
 
-def _check_stream(stream: EncodedStream, codebook: HuffmanCodebook) -> tuple[int, int, int]:
-    """Validate sizes, padding and offsets of ``stream``; return ``(count, chunk_size, bit_count)``."""
+def _decode_doubling(
+    payload: np.ndarray, offsets: np.ndarray, total: int, steps: int, last_steps: int, codebook: HuffmanCodebook
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Code starts by pointer doubling over all bit positions; same returns as :func:`_decode_lockstep`."""
+    lmax = codebook.max_len
+    sym_table, len_table = codebook._decode_tables
+    nbytes = payload.shape[0]
+    window = _window(payload, 8)[:nbytes]
+    peek = np.empty((nbytes, 8), dtype=np.uint32)  # the next max_len bits at every bit position
+    for b in range(8):
+        peek[:, b] = (window << np.uint32(b)) >> np.uint32(32 - lmax)
+    # Positions 0 .. total - 1 are bits of the payload; `total` is the end of the stream, and `total + 1` an
+    # overflow sink for any code that runs past the end or starts at it (both map to the overflow), so a chunk
+    # whose codes overrun the payload never ends on a valid offset.
+    peek = np.concatenate([peek.reshape(-1)[:total], np.zeros(2, dtype=np.uint32)])  # (total + 2,)
+    dtype = np.int32 if total < 2**31 - 64 else np.int64
+    nxt = np.arange(total + 2, dtype=dtype) + len_table[peek]  # start of the following code
+    np.minimum(nxt, total + 1, out=nxt)
+    nxt[total:] = total + 1
+    jump = nxt
+    starts = offsets.astype(dtype)[:, None]  # (lanes, 2**j): the first 2**j code starts of each chunk
+    while starts.shape[1] < steps:
+        starts = np.concatenate([starts, jump[starts]], axis=1)
+        if starts.shape[1] < steps:
+            jump = jump[jump]  # next applied 2**(j+1) times
+    starts = starts[:, :steps]
+    symbols = sym_table[peek[starts]].reshape(-1)
+    return symbols, nxt[starts[:-1, -1]], int(nxt[starts[-1, last_steps - 1]])
+
+
+_DECODERS = {"lockstep": _decode_lockstep, "doubling": _decode_doubling}
+
+
+def _check_stream(stream: EncodedStream, codebook: HuffmanCodebook) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """Validate sizes, padding and offsets of ``stream``.
+
+    Returns:
+        ``(payload, offsets, count, chunk_size, bit_count)``, the arrays as uint8 and int64.
+
+    """
     n, k, total = stream.count, stream.chunk_size, stream.bit_count
     for name, value, lo in (("count", n, 0), ("chunk_size", k, 1), ("bit_count", total, 0)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
             raise ValueError(f"Corrupted stream: expected {name} to be an int >= {lo}, got {value!r}")
     n, k, total = int(n), int(k), int(total)
-    payload = np.asarray(stream.payload)
+    payload = stream.payload
+    payload = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, bytes | bytearray) else np.asarray(payload)
     if payload.dtype != np.uint8 or payload.ndim != 1:
         raise ValueError(f"Expected a 1-D uint8 payload, got dtype {payload.dtype} and shape {payload.shape}")
     if payload.shape[0] != (total + 7) // 8:
@@ -648,7 +722,7 @@ def _check_stream(stream: EncodedStream, codebook: HuffmanCodebook) -> tuple[int
     if n == 0:
         if total:
             raise ValueError(f"Corrupted stream: no symbols but {total} payload bits")
-        return n, k, total
+        return payload, offsets, n, k, total
     # Each chunk's span must be possible for its number of symbols; this also bounds every offset.
     spans = np.diff(np.append(offsets.astype(np.int64), total))
     sizes = np.full(lanes, k, dtype=np.int64)
@@ -659,4 +733,4 @@ def _check_stream(stream: EncodedStream, codebook: HuffmanCodebook) -> tuple[int
             f"Corrupted or truncated stream: chunk offsets inconsistent with {n} symbols of "
             f"{lmin} to {lmax} bits in a {total}-bit payload"
         )
-    return n, k, total
+    return payload, offsets.astype(np.int64), n, k, total

@@ -185,8 +185,9 @@ def test_golden_bit_count_and_payload() -> None:
     st.lists(st.integers(0, 2**14 - 1), max_size=300),
     st.integers(1, 40),
     st.sampled_from(["skewed", "seen", "uniform"]),
+    st.sampled_from(["auto", "lockstep", "doubling"]),
 )
-def test_round_trip(m: int, raw: list[int], chunk_size: int, book_kind: str) -> None:
+def test_round_trip(m: int, raw: list[int], chunk_size: int, book_kind: str, method: str) -> None:
     n_sym = 2**m
     symbols = np.array(raw, dtype=np.int64) % n_sym
     if book_kind == "seen":
@@ -201,20 +202,32 @@ def test_round_trip(m: int, raw: list[int], chunk_size: int, book_kind: str) -> 
     assert stream.bit_count == ref_bits == bit_count(symbol_counts(symbols, n_sym), book)
     assert stream.payload.tobytes() == ref_payload
     assert stream.count == len(symbols) and stream.num_chunks == -(-len(symbols) // chunk_size)
-    out = decode(stream, book)
+    out = decode(stream, book, method)
     assert out.dtype == torch.int32 and out.tolist() == symbols.tolist()
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 4096, 4097, 20000])
 @pytest.mark.parametrize("alphabet", [1, 2, 8])
-def test_round_trip_edge_sizes(n: int, alphabet: int) -> None:
+@pytest.mark.parametrize("method", ["lockstep", "doubling"])
+def test_round_trip_edge_sizes(n: int, alphabet: int, method: str) -> None:
     rng = np.random.default_rng(n)
     symbols = torch.from_numpy(rng.integers(0, alphabet, size=n).astype(np.int32))
     book = HuffmanCodebook.from_counts(symbol_counts(symbols, alphabet))
-    stream = encode(symbols, book)
-    assert torch.equal(decode(stream, book), symbols)
+    stream = encode(symbols, book, chunk_size=4096 if method == "doubling" else 128)
+    assert torch.equal(decode(stream, book, method), symbols)
     same = torch.full((n,), alphabet - 1, dtype=torch.int32)  # all-same stream
-    assert torch.equal(decode(encode(same, book, chunk_size=512), book), same)
+    assert torch.equal(decode(encode(same, book, chunk_size=512), book, method), same)
+
+
+def test_decoders_agree_on_a_long_stream() -> None:
+    rng = np.random.default_rng(3)
+    symbols = rng.choice(8, size=300_000, p=[0.53, 0.07, 0.07, 0.07, 0.07, 0.07, 0.06, 0.06])
+    book = HuffmanCodebook.from_counts(symbol_counts(symbols, 8))
+    stream = encode(symbols, book)
+    assert np.array_equal(decode(stream, book, "lockstep").numpy(), symbols)
+    assert np.array_equal(decode(stream, book, "doubling").numpy(), symbols)
+    with pytest.raises(ValueError, match="method"):
+        decode(stream, book, "sequential")  # type: ignore[arg-type]
 
 
 def test_empty_stream() -> None:
@@ -252,6 +265,9 @@ def coded() -> tuple[EncodedStream, HuffmanCodebook, np.ndarray]:
     return encode(symbols, book, chunk_size=256), book, symbols
 
 
+METHODS = pytest.mark.parametrize("method", ["lockstep", "doubling"])
+
+
 def test_truncated_or_padded_payload_raises(coded: tuple[EncodedStream, HuffmanCodebook, np.ndarray]) -> None:
     stream, book, _ = coded
     with pytest.raises(ValueError, match="truncated"):
@@ -262,7 +278,10 @@ def test_truncated_or_padded_payload_raises(coded: tuple[EncodedStream, HuffmanC
         decode(dataclasses.replace(stream, payload=np.r_[stream.payload, np.uint8(0)]), book)
 
 
-def test_inconsistent_counts_and_offsets_raise(coded: tuple[EncodedStream, HuffmanCodebook, np.ndarray]) -> None:
+@METHODS
+def test_inconsistent_counts_and_offsets_raise(
+    coded: tuple[EncodedStream, HuffmanCodebook, np.ndarray], method: str
+) -> None:
     stream, book, _ = coded
     for change in (
         {"bit_count": stream.bit_count - 1},
@@ -276,27 +295,40 @@ def test_inconsistent_counts_and_offsets_raise(coded: tuple[EncodedStream, Huffm
         {"offsets": np.r_[stream.offsets[:3], stream.offsets[4] - 1, stream.offsets[4:]]},
     ):
         with pytest.raises(ValueError):
-            decode(dataclasses.replace(stream, **change), book)
+            decode(dataclasses.replace(stream, **change), book, method)
 
 
-def test_wrong_codebook_raises(coded: tuple[EncodedStream, HuffmanCodebook, np.ndarray]) -> None:
+@METHODS
+def test_off_by_one_metadata_raises(method: str) -> None:
+    # The golden stream 0|0|10|111|0 ends in a 0 bit, so dropping the last bit leaves valid zero padding, and
+    # one more symbol still fits the size checks: only decoding can tell.
+    book = HuffmanCodebook.from_counts([90, 6, 3, 1])
+    stream = encode(np.array([0, 0, 1, 3, 0]), book)
+    for change in ({"bit_count": 7}, {"count": 6}, {"count": 4}):
+        with pytest.raises(ValueError, match="Corrupted"):
+            decode(dataclasses.replace(stream, **change), book, method)
+
+
+@METHODS
+def test_wrong_codebook_raises(coded: tuple[EncodedStream, HuffmanCodebook, np.ndarray], method: str) -> None:
     stream, _, _ = coded
     with pytest.raises(ValueError):
-        decode(stream, HuffmanCodebook.from_counts(np.ones(8, dtype=np.int64)))
+        decode(stream, HuffmanCodebook.from_counts(np.ones(8, dtype=np.int64)), method)
 
 
-def test_invalid_prefix_raises() -> None:
+@METHODS
+def test_invalid_prefix_raises(method: str) -> None:
     book = HuffmanCodebook.from_counts([5])  # only the code "0" exists
     stream = encode(np.zeros(16, dtype=np.int64), book)
     bad = stream.payload.copy()
     bad[1] = 0x01  # the last bit becomes "1": no code starts with it
     with pytest.raises(ValueError, match="Corrupted"):
-        decode(dataclasses.replace(stream, payload=bad), book)
+        decode(dataclasses.replace(stream, payload=bad), book, method)
     incomplete = HuffmanCodebook.from_lengths([1, 2])  # codes 0 and 10; "11" is no code
     stream = encode(np.array([1, 0, 1, 0]), incomplete)  # 10 0 10 0 -> 10010000
     bad = np.array([0b11010000], dtype=np.uint8)  # "11" in place of "10": the same bit count
     with pytest.raises(ValueError, match="Corrupted"):
-        decode(dataclasses.replace(stream, payload=bad), incomplete)
+        decode(dataclasses.replace(stream, payload=bad), incomplete, method)
 
 
 @settings(max_examples=40, deadline=None)
@@ -306,13 +338,14 @@ def test_bit_flips_raise_or_decode_in_range_quickly(data: st.DataObject) -> None
     symbols = rng.choice(8, size=2000, p=[0.6, 0.15, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01])
     book = HuffmanCodebook.from_counts(symbol_counts(symbols, 8))
     stream = encode(symbols, book, chunk_size=data.draw(st.sampled_from([64, 500, 4096])))
+    method = data.draw(st.sampled_from(["lockstep", "doubling"]))
     bad = stream.payload.copy()
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, stream.bit_count - 1))
         bad[pos // 8] ^= np.uint8(0x80 >> (pos % 8))
     start = time.perf_counter()
     try:
-        out = decode(dataclasses.replace(stream, payload=bad), book)
+        out = decode(dataclasses.replace(stream, payload=bad), book, method)
     except ValueError:
         pass
     else:  # undetectable corruption (code boundaries unchanged): still well formed
