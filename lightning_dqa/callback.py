@@ -15,6 +15,7 @@ The callback is thin orchestration over :mod:`lightning_dqa.engine`:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -46,8 +47,9 @@ class DQACallback(Callback):
 
     Lifecycle settings:
         calibration_samples: samples (not batches) read for calibration, split over ranks.
-        calibration_source: ``train`` (default; a ``calibration_dataloader()`` method of the datamodule or
-            module is used when present, e.g. non-augmented training images) or ``val``.
+        calibration_source: ``train`` (default; a ``calibration_dataloader(num_samples, seed)`` method of the
+            datamodule or module is used when present, e.g. a seeded subset of non-augmented training images)
+            or ``val``.
         delay_steps: optimizer steps of full-precision training before fake quantization starts (fit only).
         greedy_objective: what the greedy ranking maximises: ``accuracy`` (correct predictions, the paper)
             or ``loss`` (negative cross-entropy).
@@ -275,7 +277,10 @@ class DQACallback(Callback):
             for source in sources:
                 fn = getattr(source, "calibration_dataloader", None)
                 if callable(fn):
-                    return fn()
+                    # calibration_dataloader(num_samples, seed) when it takes them (a seeded random subset, e.g.
+                    # CIFAR10DataModule's, with evaluation transforms), else calibration_dataloader()
+                    takes = len(inspect.signature(fn).parameters)
+                    return fn(*(self.calibration_samples, self.config.seed)[:takes])
             attempts = [getattr(s, "train_dataloader", None) for s in sources]
         else:
             attempts = [getattr(s, "val_dataloader", None) for s in sources]

@@ -1,0 +1,205 @@
+"""Reproduce the DQA paper's CIFAR-10 numbers with the Lightning callback: one record per run, as JSON.
+
+Every run builds a fresh model, puts ``DQACallback`` in a quiet ``Trainer`` and calls ``validate`` on the
+CIFAR-10 test set, exactly what a user does. Records hold the keys
+``arch, method, bits, extra_bits, ratio, ranking, setting, accuracy, bits_per_value, calib_seconds,
+eval_seconds`` and a few more (activation bytes per image against FP32, test images, seed).
+
+Settings:
+    ``paper``: the paper's quantizer: dynamic per-channel maxima, signed codes, no clipping, every
+        Conv2d/Linear *output* at ``n`` bits, first and last layer included.
+    ``default``: this project's default: layer *inputs* (what a deployment stores), static scales with
+        MSE clipping, unsigned codes for non-negative tensors, the image (first layer input) at 8 bits.
+
+Example (the paper's 3-bit row, quick)::
+
+    python examples/reproduce_paper.py --bits 3 --methods fp32 direct dqa --limit-test 1000 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_dqa import DQACallback
+from lightning_dqa.data import CIFAR10DataModule
+from lightning_dqa.tasks import ImageClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEFAULT_WEIGHTS = SHARED / "weights" / "resnet32-d509ac18.th"
+DEFAULT_DATA = SHARED / "data" / "cifar10"
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        scale_mode="dynamic",
+        code="signed",
+        clipping="none",
+        where="output",
+        first_layer_bits=None,
+        last_layer_bits=None,
+    ),
+    "default": dict(scale_mode="static", code="auto", clipping="mse", where="input", first_layer_bits=8),
+}
+
+
+def run_one(
+    *,
+    arch: str,
+    weights: str,
+    datamodule: CIFAR10DataModule,
+    method: str,
+    bits: int,
+    setting: str = "default",
+    ranking: str = "fisher",
+    ratio: float = 0.4,
+    extra_bits: int = 3,
+    calib_samples: int = 5000,
+    seed: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Post-training quantization of one model with one configuration; returns its record."""
+    seed_everything(seed, verbose=False)
+    model = ImageClassifier(arch=arch, weights=weights)
+    kwargs: dict[str, Any] = dict(SETTINGS[setting])
+    kwargs.update(overrides)
+    callback = DQACallback(
+        bits=bits,
+        extra_bits=extra_bits,
+        ratio=ratio,
+        method=method,
+        ranking=ranking,
+        seed=seed,
+        calibration_samples=calib_samples,
+        verbose=False,
+        **kwargs,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[callback],
+    )
+    start = time.perf_counter()
+    (metrics,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    total = time.perf_counter() - start
+    report = callback.report
+    calib = 0.0 if report is None else report.stats_seconds + report.rank_seconds
+    return {
+        "arch": arch,
+        "method": method,
+        "bits": None if method == "fp32" else bits,
+        "extra_bits": extra_bits if method == "dqa" else None,
+        "ratio": ratio if method == "dqa" else 0.0,
+        "ranking": ranking if method == "dqa" else None,
+        "setting": setting,
+        "accuracy": round(100.0 * float(metrics["val/acc"]), 2),
+        "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
+        "activation_kib_per_image": round(float(metrics["dqa/activation_bytes_per_sample"]) / 1024, 2),
+        "fp32_activation_kib_per_image": round(float(metrics["dqa/fp32_activation_bytes_per_sample"]) / 1024, 2),
+        "memory_saving": round(float(metrics["dqa/memory_saving"]), 4),
+        "calib_samples": calib_samples,
+        "calib_seconds": round(calib, 2),
+        "eval_seconds": round(total - calib, 2),
+        "test_images": datamodule.limit_test or 10_000,
+        "seed": seed,
+        **{k: v for k, v in overrides.items() if k not in SETTINGS[setting]},
+    }
+
+
+def make_datamodule(data_root: str, limit_test: int | None, calib_samples: int, seed: int) -> CIFAR10DataModule:
+    """The CIFAR-10 data module used by every run (evaluation on the test set)."""
+    return CIFAR10DataModule(
+        root=data_root,
+        eval_batch_size=500,
+        limit_test=limit_test,
+        seed=seed,
+    )
+
+
+def quiet() -> None:
+    """Silence Lightning's per-run banners (the script prints its own table)."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*is an invalid version.*")
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """Aligned text table of records."""
+    head = f"{'setting':<8} {'method':<11}{'bits':>5}{'rank':>9}{'acc %':>8}{'bits/val':>9}{'KiB/img':>9}{'saving':>8}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        bits = "32" if r["bits"] is None else str(r["bits"])
+        lines.append(
+            f"{r['setting']:<8} {r['method']:<11}{bits:>5}{(r['ranking'] or '-'):>9}{r['accuracy']:>8.2f}"
+            f"{r['bits_per_value']:>9.3f}{r['activation_kib_per_image']:>9.1f}{100 * r['memory_saving']:>7.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet32")
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="local path or URL of the weights")
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA))
+    parser.add_argument("--bits", type=int, nargs="+", default=[3])
+    parser.add_argument("--methods", nargs="+", default=["fp32", "direct", "noisyquant", "dqa"])
+    parser.add_argument("--settings", nargs="+", default=["default"], choices=sorted(SETTINGS))
+    parser.add_argument("--ranking", default="fisher")
+    parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--extra-bits", type=int, default=3)
+    parser.add_argument("--limit-test", type=int, default=None, help="first N test images (default: all 10,000)")
+    parser.add_argument("--calib-samples", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, help="write the records to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for path, what in ((args.data_root, "--data-root"), (args.weights, "--weights")):
+        if not str(path).startswith(("http://", "https://")) and not Path(path).exists():
+            parser.error(f"{what} {path} does not exist (expected ../shared beside the repository, or pass a path)")
+    quiet()
+    dm = make_datamodule(args.data_root, args.limit_test, args.calib_samples, args.seed)
+    records = []
+    for setting in args.settings:
+        for method in args.methods:
+            for bits in [args.bits[0]] if method == "fp32" else args.bits:
+                if method == "fp32" and setting != args.settings[0]:
+                    continue
+                rec = run_one(
+                    arch=args.arch,
+                    weights=args.weights,
+                    datamodule=dm,
+                    method=method,
+                    bits=bits,
+                    setting=setting,
+                    ranking=args.ranking,
+                    ratio=args.ratio,
+                    extra_bits=args.extra_bits,
+                    calib_samples=args.calib_samples,
+                    seed=args.seed,
+                )
+                records.append(rec)
+                print(format_table([rec]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(records))
+    if args.out:
+        Path(args.out).write_text(json.dumps(records, indent=1))
+    return records
+
+
+if __name__ == "__main__":
+    main()
