@@ -100,7 +100,7 @@ def tensor_bits(
         >>> book = HuffmanCodebook.from_counts([18, 0, 0, 0, 0, 0, 0, 0])
         >>> tb = tensor_bits(main, error, torch.ones(4), bits=3, codebook=book)
         >>> book.lengths.tolist(), book.size_bits  # 23-bit header + 8 two-bit fields (length - shortest)
-        ([1, 4, 4, 4, 4, 4, 4, 3], 39)
+        ([1, 3, 4, 4, 4, 4, 4, 4], 39)
         >>> tb.main_bits, tb.error_bits, tb.side_bits  # 72 * 3; 18 zeros at 1 bit; 2 samples * (4 * 32 + 39)
         (216, 18, 334)
 

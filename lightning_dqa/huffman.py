@@ -654,7 +654,7 @@ def _decode_lockstep(
         np.left_shift(peek, bit.astype(window.dtype, copy=False), out=peek)  # drop bits already consumed
         np.right_shift(peek, 32 - lmax, out=peek)
         np.take(sym_table, peek, out=out[t])
-        pos += len_table[peek]
+        np.add(pos, len_table[peek], out=pos)
     if last_steps == steps:
         last_end = int(pos[-1])
     return out.T.reshape(-1), pos[:-1], last_end
