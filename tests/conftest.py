@@ -1,0 +1,46 @@
+"""Shared fixtures: the read-only ``../shared`` folder beside the repository, and paths inside it.
+
+Each fixture skips the test with the reason when its files are absent, so the suite runs without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (expected in ../shared beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ``../shared`` folder (data, weights, docs)."""
+    return _require(SHARED_DIR, "the shared folder")
+
+
+@pytest.fixture(scope="session")
+def cifar_root(shared_dir: Path) -> Path:
+    """The folder holding ``cifar-10-batches-py/``."""
+    root = shared_dir / "data" / "cifar10"
+    _require(root / "cifar-10-batches-py", "CIFAR-10 (cifar-10-batches-py)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def camvid_root(shared_dir: Path) -> Path:
+    """The CamVid folder with ``train.txt``, ``val.txt`` and ``test.txt``."""
+    root = shared_dir / "data" / "camvid"
+    _require(root / "train.txt", "CamVid (train.txt)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def resnet32_weights(shared_dir: Path) -> Path:
+    """The pretrained CIFAR-10 ResNet-32 checkpoint."""
+    return _require(shared_dir / "weights" / "resnet32-d509ac18.th", "the ResNet-32 weights")
