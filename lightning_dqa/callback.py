@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.distributed import ReduceOp
 
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_quantizer_layout
@@ -272,7 +273,7 @@ class DQACallback(Callback):
 
     def calibration_dataloader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Any]:
         """Where calibration samples come from (see ``calibration_source``)."""
-        sources = [s for s in (trainer.datamodule, pl_module) if s is not None]
+        sources = [s for s in (getattr(trainer, "datamodule", None), pl_module) if s is not None]
         if self.calibration_source == "train":
             for source in sources:
                 fn = getattr(source, "calibration_dataloader", None)
@@ -334,12 +335,8 @@ class DQACallback(Callback):
                 return gathered if world == 1 else torch.cat(list(gathered.unbind(0)), dim=-1)
             if world == 1:
                 return t
-            red = {
-                "sum": torch.distributed.ReduceOp.SUM,
-                "max": torch.distributed.ReduceOp.MAX,
-                "min": torch.distributed.ReduceOp.MIN,
-            }[op]
-            return strategy.reduce(t.clone(), reduce_op=red)
+            red = {"sum": ReduceOp.SUM, "max": ReduceOp.MAX, "min": ReduceOp.MIN}[op]
+            return strategy.reduce(t.clone(), reduce_op=red)  # type: ignore[arg-type]  # ReduceOp members
 
         try:
             self.report = calibrate(

@@ -8,7 +8,7 @@ exact Huffman-coded bits of the shifting errors (code book built from the calibr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,7 @@ class MemoryMeter:
         if name not in self._books:
             self.build_codebooks()
         main, error, scale_n = q.codes(x)
-        scales = "dynamic" if q.scale_mode == "dynamic" else "static"
+        scales: Literal["dynamic", "static"] = "dynamic" if q.scale_mode == "dynamic" else "static"
         book = self._books[name] if error.numel() else None
         self.ledger.update_bits(name, tensor_bits(main, error, scale_n, q.n, book, scales=scales, batch_dim=0))
 

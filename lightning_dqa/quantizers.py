@@ -55,6 +55,9 @@ class ActivationQuantizer(nn.Module):
     important: Tensor
     signed: Tensor
     calibrated: Tensor
+    bits: Tensor
+    extra_bits: Tensor
+    error_counts: Tensor
 
     def __init__(
         self,
