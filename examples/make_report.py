@@ -1,0 +1,169 @@
+"""Regenerate docs/RESULTS.md, its JSON and its plot for ResNet-32 on CIFAR-10.
+
+Sections (each can be run alone; results merge into ``docs/results/resnet32_cifar10.json``):
+
+* ``table1``: FP32, direct, NoisyQuant and DQA at 3, 4, 5 bits on the full test set, calibration on 5,000
+  seeded-random training images, in the paper's setting and in this project's default setting.
+* ``ablation``: channel selection at 3 bits (greedy, fisher, energy, saliency, random with 3 seeds) and
+  sweeps of r (0.1..0.9) and m (1..4), default setting.
+* ``uniform``: direct quantization at 3..8 bits, for the accuracy / measured-bits trade-off.
+* ``overhead``: see ``examples/bench_overhead.py`` (run it; its JSON is merged when present).
+* ``qat``: 3-bit DQA fine-tuned briefly with the callback.
+
+    python examples/make_report.py --sections table1 ablation uniform qat   # about an hour on 2 CPU cores
+    python examples/make_report.py --render-only                          # rebuild RESULTS.md and the PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reproduce_paper import DEFAULT_DATA, DEFAULT_WEIGHTS, REPO, make_datamodule, quiet, run_one
+
+OUT_DIR = REPO / "docs" / "results"
+JSON_PATH = OUT_DIR / "resnet32_cifar10.json"
+PNG_PATH = OUT_DIR / "tradeoff_resnet32.png"
+MD_PATH = REPO / "docs" / "RESULTS.md"
+
+
+def _runs(dm: Any, calib: int, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for spec in specs:
+        rec = run_one(arch="resnet32", weights=str(DEFAULT_WEIGHTS), datamodule=dm, calib_samples=calib, **spec)
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
+def section_table1(dm: Any, calib: int) -> list[dict[str, Any]]:
+    specs: list[dict[str, Any]] = [dict(method="fp32", bits=8, setting="default")]
+    for setting in ("paper", "default"):
+        for bits in (3, 4, 5):
+            for method in ("direct", "noisyquant", "dqa"):
+                specs.append(dict(method=method, bits=bits, setting=setting, ranking="fisher"))
+    return _runs(dm, calib, specs)
+
+
+def section_ablation(dm: Any, calib: int, greedy_calib: int) -> list[dict[str, Any]]:
+    specs: list[dict[str, Any]] = []
+    for ranking in ("fisher", "energy", "saliency", "max"):
+        specs.append(dict(method="dqa", bits=3, ranking=ranking, experiment="ranking"))
+    for seed in (0, 1, 2):
+        specs.append(dict(method="dqa", bits=3, ranking="random", seed=seed, experiment="ranking"))
+    for ratio in (0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9):
+        specs.append(dict(method="dqa", bits=3, ratio=ratio, experiment="ratio"))
+    for m in (1, 2, 4):
+        specs.append(dict(method="dqa", bits=3, extra_bits=m, experiment="extra_bits"))
+    out = _runs(dm, calib, specs)
+    out += _runs(dm, greedy_calib, [dict(method="dqa", bits=3, ranking="greedy", experiment="ranking")])
+    out += _runs(dm, greedy_calib, [dict(method="dqa", bits=3, ranking="fisher", experiment="ranking_same_calib")])
+    return out
+
+
+def section_uniform(dm: Any, calib: int) -> list[dict[str, Any]]:
+    return _runs(dm, calib, [dict(method="direct", bits=b, experiment="uniform") for b in (3, 4, 5, 6, 7, 8)])
+
+
+def section_qat(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """3-bit DQA, learnable scales, fine-tuned with SGD for a fixed number of steps, then evaluated."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from lightning_dqa import DQACallback
+    from lightning_dqa.data import CIFAR10DataModule
+    from lightning_dqa.tasks import ImageClassifier
+
+    seed_everything(0, verbose=False)
+    dm = CIFAR10DataModule(root=args.data_root, batch_size=128, eval_batch_size=500, seed=0)
+    model = ImageClassifier(arch="resnet32", weights=str(DEFAULT_WEIGHTS), lr=args.qat_lr, weight_decay=0.0)
+    cb = DQACallback(bits=3, scale_mode="learnable", calibration_samples=5000, verbose=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=args.qat_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[cb],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    train_seconds = time.perf_counter() - start
+    (metrics,) = trainer.validate(model, datamodule=dm, verbose=False)
+    rec = {
+        "arch": "resnet32",
+        "method": "dqa",
+        "bits": 3,
+        "extra_bits": 3,
+        "ratio": 0.4,
+        "ranking": "fisher",
+        "setting": "default+qat",
+        "accuracy": round(100 * float(metrics["val/acc"]), 2),
+        "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
+        "memory_saving": round(float(metrics["dqa/memory_saving"]), 4),
+        "qat_steps": args.qat_steps,
+        "qat_batch_size": 128,
+        "qat_lr": args.qat_lr,
+        "train_seconds": round(train_seconds, 1),
+    }
+    print(json.dumps(rec), flush=True)
+    return [rec]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="*", default=["table1", "ablation", "uniform", "qat"])
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA))
+    parser.add_argument("--calib-samples", type=int, default=5000)
+    parser.add_argument("--greedy-calib-samples", type=int, default=1000)
+    parser.add_argument("--ablation-test", type=int, default=None, help="test images for ablation/uniform runs")
+    parser.add_argument("--qat-steps", type=int, default=200)
+    parser.add_argument("--qat-lr", type=float, default=0.002)
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    quiet()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
+    if not args.render_only:
+        full = make_datamodule(args.data_root, None, args.calib_samples, 0)
+        part = make_datamodule(args.data_root, args.ablation_test, args.calib_samples, 0)
+        for section in args.sections:
+            start = time.perf_counter()
+            if section == "table1":
+                recs = section_table1(full, args.calib_samples)
+            elif section == "ablation":
+                recs = section_ablation(part, args.calib_samples, args.greedy_calib_samples)
+            elif section == "uniform":
+                recs = section_uniform(part, args.calib_samples)
+            elif section == "qat":
+                recs = section_qat(args)
+            else:
+                raise SystemExit(f"unknown section {section!r}")
+            results[section] = {
+                "records": recs,
+                "seconds": round(time.perf_counter() - start, 1),
+                "command": "python examples/make_report.py " + " ".join(sys.argv[1:]),
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+            }
+            JSON_PATH.write_text(json.dumps(results, indent=1))
+    overhead = OUT_DIR / "overhead_resnet32.json"
+    if overhead.exists():
+        results["overhead"] = json.loads(overhead.read_text())
+    from report_render import render
+
+    MD_PATH.write_text(render(results, PNG_PATH))
+    print(f"wrote {MD_PATH}, {JSON_PATH}, {PNG_PATH}")
+
+
+if __name__ == "__main__":
+    main()
