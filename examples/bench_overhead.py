@@ -102,7 +102,6 @@ def main() -> None:
         out = []
         for _n, q, t in layers:
             scale = q.current_scale(t)
-            shift, _, _ = q.code_ranges()
             idx = torch.nonzero(q.important).flatten()
             low = F.quantize(t, scale, q.n, bool(q.signed), q.channel_dim)
             high = F.quantize(
@@ -132,7 +131,7 @@ def main() -> None:
 
     def dec() -> list[Any]:
         out = []
-        for (n, q, _t), (main, err, _i, _s), ((payload, _bits), stream) in zip(layers, shifted, encoded, strict=True):
+        for (n, q, _t), (main, _e, _i, _s), ((payload, _bits), stream) in zip(layers, shifted, encoded, strict=True):
             out.append((unpack_codes(payload, q.n, bool(q.signed), main.numel()), decode(stream, books[n])))
         return out
 

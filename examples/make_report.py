@@ -21,11 +21,9 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-
 from reproduce_paper import DEFAULT_DATA, DEFAULT_WEIGHTS, REPO, make_datamodule, quiet, run_one
 
 OUT_DIR = REPO / "docs" / "results"
