@@ -30,13 +30,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_dqa.huffman import HuffmanCodebook, bit_count, symbol_counts
 
-__all__ = ["COLUMNS", "SCALE_BITS", "MemoryLedger", "TensorBits", "tensor_bits"]
+__all__ = ["COLUMNS", "SCALE_BITS", "MemoryLedger", "TensorBits", "histogram_bits", "tensor_bits"]
 
 SCALE_BITS = 32
 """Bits of one stored per-channel scale (float32)."""
@@ -105,23 +106,59 @@ def tensor_bits(
         (216, 18, 334)
 
     """
+    samples = 1 if batch_dim is None or main.ndim == 0 else int(main.shape[batch_dim])
+    if error.numel() > 0 and codebook is None:
+        raise ValueError("Expected a codebook to count the bits of a non-empty error tensor, got None")
+    histogram = symbol_counts(error, codebook.num_symbols) if codebook is not None and error.numel() else None
+    return histogram_bits(main.numel(), samples, bits, scale_n.numel(), histogram, codebook, scales)
+
+
+def histogram_bits(
+    numel: int,
+    samples: int,
+    bits: int,
+    channels: int,
+    error_histogram: np.ndarray | Tensor | None,
+    codebook: HuffmanCodebook | None,
+    scales: Literal["dynamic", "static"] = "dynamic",
+) -> TensorBits:
+    """The accounting rule from counts alone: ``numel`` values of ``samples`` samples and an error histogram.
+
+    This is what :func:`tensor_bits` computes, without needing the main codes (their size is ``numel * n``
+    whatever their values): the memory meter quantizes only the important channels to get the histogram.
+
+    Args:
+        numel: activation values stored (all channels, all samples).
+        samples: samples among them, each charged its own side information.
+        bits: ``n``.
+        channels: ``C``, the number of per-channel scales.
+        error_histogram: ``(2**m,)`` counts of the shifting errors of important channels, or ``None``.
+        codebook: their Huffman code (required with a non-empty histogram).
+        scales: ``dynamic`` charges ``32 * C`` bits per sample; ``static`` none.
+
+    Returns:
+        The :class:`TensorBits`.
+
+    Raises:
+        ValueError: for a bad ``bits`` or ``scales``, or a histogram without code book.
+    """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"Expected bits to be an int in [1, 16], got {bits!r}")
     if scales not in ("dynamic", "static"):
         raise ValueError(f"Expected scales to be one of ['dynamic', 'static'], got {scales!r}")
-    samples = 1 if batch_dim is None or main.ndim == 0 else int(main.shape[batch_dim])
-    side_per_sample = SCALE_BITS * scale_n.numel() if scales == "dynamic" else 0
+    side_per_sample = SCALE_BITS * channels if scales == "dynamic" else 0
     error_bits = raw_error_bits = 0
-    if error.numel() > 0:
+    hist = None if error_histogram is None else np.asarray(error_histogram, dtype=np.int64)
+    if hist is not None and hist.sum() > 0:
         if codebook is None:
-            raise ValueError("Expected a codebook to count the bits of a non-empty error tensor, got None")
+            raise ValueError("Expected a codebook to count the bits of a non-empty error histogram, got None")
         extra_bits = (codebook.num_symbols - 1).bit_length()
-        error_bits = bit_count(symbol_counts(error, codebook.num_symbols), codebook)
-        raw_error_bits = error.numel() * extra_bits
+        error_bits = bit_count(hist, codebook)
+        raw_error_bits = int(hist.sum()) * extra_bits
         side_per_sample += codebook.size_bits
     return TensorBits(
-        numel=main.numel(),
-        main_bits=main.numel() * bits,
+        numel=numel,
+        main_bits=numel * bits,
         error_bits=error_bits,
         side_bits=samples * side_per_sample,
         raw_error_bits=raw_error_bits,

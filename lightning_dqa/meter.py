@@ -13,7 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_dqa.accounting import MemoryLedger, tensor_bits
+from lightning_dqa import functional as F
+from lightning_dqa.accounting import MemoryLedger, histogram_bits
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.huffman import HuffmanCodebook
 from lightning_dqa.quantizers import ActivationQuantizer
@@ -64,10 +65,18 @@ class MemoryMeter:
             return
         if name not in self._books:
             self.build_codebooks()
-        main, error, scale_n = q.codes(x)
+        # Main codes cost n bits each whatever their values: only the important channels are quantized here,
+        # at n + m bits, for the histogram of their shifting errors.
+        scale_n = q.current_scale(x).detach()
+        idx = torch.nonzero(q.important).flatten()
+        hist = None
+        if idx.numel():
+            cd = q.channel_dim
+            codes = F.quantize(x.detach().index_select(cd, idx), scale_n[idx] / 2**q.m, q.n + q.m, bool(q.signed), cd)
+            hist = torch.bincount((codes & (2**q.m - 1)).flatten(), minlength=2**q.m).cpu()
         scales: Literal["dynamic", "static"] = "dynamic" if q.scale_mode == "dynamic" else "static"
-        book = self._books[name] if error.numel() else None
-        self.ledger.update_bits(name, tensor_bits(main, error, scale_n, q.n, book, scales=scales, batch_dim=0))
+        counts = histogram_bits(x.numel(), samples, q.n, q.num_channels, hist, self._books[name], scales)
+        self.ledger.update_bits(name, counts)
 
     def reset(self) -> None:
         """Clear the ledger (start of an evaluation epoch)."""

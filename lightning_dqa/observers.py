@@ -34,7 +34,7 @@ class ChannelStats:
         grad_sq: ``(C,)`` sum of ``(dL/dx)**2`` (zeros when no gradient was seen).
         saliency: ``(C,)`` sum of ``|x| * |dL/dx|``.
         samples: ``(C, K)`` random sample of each channel's values (the same positions for all channels),
-            used for percentile and MSE clipping and for the NoisyQuant search.
+            used for percentile and MSE clipping and the code-book histogram.
         numel_per_sample: values of this tensor per input sample (for memory accounting).
         grad_seen: whether any gradient arrived.
 
@@ -103,34 +103,41 @@ class ChannelStatsObserver(nn.Module):
         self._samples: list[Tensor] = []
         self._generator = torch.Generator().manual_seed(self._seed)
 
-    def _flat(self, x: Tensor) -> Tensor:
-        """``x`` as ``(C, values)``."""
-        return x.detach().movedim(self.channel_dim, 0).reshape(self.num_channels, -1)
+    def _dims(self, x: Tensor) -> tuple[int, ...]:
+        """Every axis of ``x`` but the channel axis (reductions over them need no transposed copy)."""
+        cd = self.channel_dim % x.ndim
+        return tuple(d for d in range(x.ndim) if d != cd)
 
     @torch.no_grad()
     def _update(self, x: Tensor) -> None:
-        flat = self._flat(x).float()  # (C, V)
-        if not torch.isfinite(flat).all():
-            bad = int((~torch.isfinite(flat)).sum())
+        x = x.detach()
+        dims = self._dims(x)
+        hi = x.amax(dim=dims).float()  # (C,); NaN propagates, so finiteness of hi/lo checks the whole tensor
+        lo = x.amin(dim=dims).float()
+        if not (torch.isfinite(hi).all() and torch.isfinite(lo).all()):
+            bad = int((~torch.isfinite(x)).sum())
             raise ValueError(
                 f"Layer {self.name!r}: activations must be finite for calibration, found {bad} NaN/Inf "
                 f"values in a tensor of shape {tuple(x.shape)}"
             )
-        dev = self.max_abs.device
-        if flat.device != dev:
-            self.max_abs, self.min = self.max_abs.to(flat.device), self.min.to(flat.device)
-            self.energy, self.grad_sq = self.energy.to(flat.device), self.grad_sq.to(flat.device)
-            self.saliency = self.saliency.to(flat.device)
-        lo, hi = torch.aminmax(flat, dim=1)
+        if hi.device != self.max_abs.device:
+            self.max_abs, self.min = self.max_abs.to(hi.device), self.min.to(hi.device)
+            self.energy, self.grad_sq = self.energy.to(hi.device), self.grad_sq.to(hi.device)
+            self.saliency = self.saliency.to(hi.device)
         self.max_abs = torch.maximum(self.max_abs, torch.maximum(hi, -lo))
         self.min = torch.minimum(self.min, lo)
-        self.energy += flat.double().square().sum(dim=1)
-        self.count += flat.shape[1]
+        self.energy += torch.linalg.vector_norm(x.float(), 2, dim=dims).double().square()
+        values = x.numel() // self.num_channels
+        self.count += values
         batch = x.shape[0] if x.ndim > 1 else 1
         self.numel_per_sample = x.numel() // max(batch, 1)
-        k = min(self.samples_per_batch, flat.shape[1])
-        idx = torch.randperm(flat.shape[1], generator=self._generator)[:k].to(flat.device)
-        self._samples.append(flat.index_select(1, idx))
+        # k random positions (without replacement), the same for every channel: (k, C) by advanced indexing
+        k = min(self.samples_per_batch, values)
+        flat_pos = torch.randperm(values, generator=self._generator)[:k]
+        coords = iter(torch.unravel_index(flat_pos, tuple(x.shape[d] for d in dims)))
+        cd = self.channel_dim % x.ndim
+        index = tuple(slice(None) if d == cd else next(coords).to(x.device) for d in range(x.ndim))
+        self._samples.append(x[index].float().t().contiguous())  # (C, k)
         if sum(s.shape[1] for s in self._samples) > 2 * self.max_samples:
             self._thin()
 
@@ -141,10 +148,10 @@ class ChannelStatsObserver(nn.Module):
 
     def _on_grad(self, x: Tensor) -> Callable[[Tensor], None]:
         def hook(g: Tensor) -> None:
-            gf = self._flat(g).double()
-            xf = self._flat(x).double()
-            self.grad_sq += gf.square().sum(dim=1).to(self.grad_sq.device)
-            self.saliency += (xf.abs() * gf.abs()).sum(dim=1).to(self.saliency.device)
+            dims = self._dims(g)
+            g = g.detach().float()
+            self.grad_sq += torch.linalg.vector_norm(g, 2, dim=dims).double().square().to(self.grad_sq.device)
+            self.saliency += (x.float().abs() * g.abs()).sum(dim=dims).double().to(self.saliency.device)
             self.grad_seen = True
 
         return hook
@@ -175,7 +182,10 @@ class ChannelStatsObserver(nn.Module):
         self.energy = reducer(self.energy, "sum")
         self.grad_sq = reducer(self.grad_sq, "sum")
         self.saliency = reducer(self.saliency, "sum")
-        counts = reducer(torch.tensor([float(self.count), float(self.grad_seen)], device=self.max_abs.device), "sum")
+        flags = torch.tensor(
+            [float(self.count), float(self.grad_seen)], dtype=torch.float64, device=self.max_abs.device
+        )
+        counts = reducer(flags, "sum")  # float64: counts stay exact far beyond 2**24
         self.count, self.grad_seen = int(counts[0]), bool(counts[1] > 0)
         self._samples = [reducer(self.samples(), "cat")]
 

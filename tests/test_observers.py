@@ -1,0 +1,259 @@
+"""ChannelStatsObserver against statistics computed directly on the concatenated data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dqa.observers import ChannelStats, ChannelStatsObserver
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def batches(seed: int = 0, n: int = 3, c: int = 4):
+    return [randn(2 + i, c, 3, 5, seed=seed + i) * (i + 1) for i in range(n)]
+
+
+def flat(xs, channel_dim: int = 1) -> torch.Tensor:
+    """All values of a list of tensors as ``(C, values)``."""
+    return torch.cat([x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1) for x in xs], dim=1)
+
+
+def test_returns_input_unchanged():
+    obs = ChannelStatsObserver(4)
+    x = randn(2, 4, 3, 3)
+    assert obs(x) is x
+
+
+def test_max_min_energy_count_over_several_batches():
+    xs = batches()
+    obs = ChannelStatsObserver(4, name="conv")
+    for x in xs:
+        obs(x)
+    st = obs.compute()
+    allv = flat(xs)
+    assert isinstance(st, ChannelStats)
+    assert torch.equal(st.max_abs, allv.abs().amax(dim=1))
+    assert torch.equal(st.min, allv.amin(dim=1))
+    # per-batch float32 reductions (no float64 copy of the activations) accumulated in float64
+    assert torch.allclose(st.energy, allv.double().square().sum(dim=1), rtol=1e-5, atol=0)
+    assert st.energy.dtype == torch.float64
+    assert st.count == allv.shape[1] == sum(x.numel() // 4 for x in xs)
+    assert st.numel_per_sample == 4 * 3 * 5
+    assert not st.grad_seen
+    assert torch.equal(st.grad_sq, torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(st.saliency, torch.zeros(4, dtype=torch.float64))
+
+
+def test_loop_reference_for_max_and_min():
+    xs = batches(seed=5, n=2, c=3)
+    obs = ChannelStatsObserver(3)
+    for x in xs:
+        obs(x)
+    st = obs.compute()
+    for c in range(3):
+        vals = [v for x in xs for v in x[:, c].flatten().tolist()]
+        assert st.max_abs[c].item() == max(abs(v) for v in vals)
+        assert st.min[c].item() == min(vals)
+        assert st.energy[c].item() == pytest.approx(sum(v * v for v in vals), rel=1e-5)
+
+
+def test_linear_layout_channel_last():
+    xs = [randn(5, 7, seed=i) for i in range(2)]
+    obs = ChannelStatsObserver(7, channel_dim=-1)
+    for x in xs:
+        obs(x)
+    st = obs.compute()
+    allv = flat(xs, channel_dim=-1)
+    assert torch.equal(st.max_abs, allv.abs().amax(dim=1))
+    assert st.count == 10
+    assert st.numel_per_sample == 7
+
+
+def test_nonnegative_data_has_nonnegative_min():
+    obs = ChannelStatsObserver(4)
+    obs(randn(2, 4, 3, 3).relu())
+    assert (obs.compute().min >= 0).all()
+
+
+def test_samples_shape_and_values_are_real_positions():
+    xs = batches()
+    obs = ChannelStatsObserver(4, samples_per_batch=7, max_samples=100)
+    for x in xs:
+        obs(x)
+    samples = obs.compute().samples
+    assert samples.shape == (4, 7 * len(xs))
+    allv = flat(xs)  # values are distinct (continuous), so each column names one position
+    for j in range(samples.shape[1]):
+        col = samples[:, j : j + 1]
+        hits = (allv == col).all(dim=0)
+        assert int(hits.sum()) == 1, "a sampled column must be the values of all channels at one real position"
+    # without replacement within a batch: no duplicated column
+    assert torch.unique(samples, dim=1).shape[1] == samples.shape[1]
+
+
+def test_samples_small_tensors_take_everything_and_cap_applies():
+    obs = ChannelStatsObserver(2, samples_per_batch=512, max_samples=10)
+    for i in range(5):
+        obs(randn(1, 2, 3, seed=i))  # 3 values per channel per batch, fewer than samples_per_batch
+    s = obs.samples()
+    assert s.shape == (2, 10)
+    allv = flat([randn(1, 2, 3, seed=i) for i in range(5)])
+    for j in range(10):
+        assert (allv == s[:, j : j + 1]).all(dim=0).any()
+    obs2 = ChannelStatsObserver(2, samples_per_batch=512, max_samples=10)
+    for i in range(40):  # beyond 2 * max_samples: thinned while observing
+        obs2(randn(1, 2, 3, seed=i))
+    assert obs2.samples().shape == (2, 10)
+
+
+def test_sampling_is_seeded():
+    def run(seed):
+        obs = ChannelStatsObserver(4, samples_per_batch=5, generator_seed=seed)
+        for x in batches():
+            obs(x)
+        return obs.samples()
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+def test_gradient_statistics_match_autograd():
+    xs = batches(n=2)
+    weights = [randn(*x.shape, seed=10 + i) for i, x in enumerate(xs)]
+    obs = ChannelStatsObserver(4, track_gradients=True)
+    grads = []
+    for x, w in zip(xs, weights, strict=True):
+        xr = x.clone().requires_grad_(True)
+        loss = (obs(xr).tanh() * w).sum()
+        (g,) = torch.autograd.grad(loss, xr)
+        grads.append(g)
+    st = obs.compute()
+    assert st.grad_seen
+    gall, xall = flat(grads).double(), flat(xs).double()
+    assert torch.allclose(st.grad_sq, gall.square().sum(dim=1), rtol=1e-5)
+    assert torch.allclose(st.saliency, (xall.abs() * gall.abs()).sum(dim=1), rtol=1e-5)
+
+
+def test_no_gradient_tracking_when_disabled_or_not_required():
+    obs = ChannelStatsObserver(4, track_gradients=False)
+    xr = randn(2, 4, 3).requires_grad_(True)
+    obs(xr).sum().backward()
+    assert not obs.compute().grad_seen
+    obs2 = ChannelStatsObserver(4, track_gradients=True)
+    obs2(randn(2, 4, 3))  # does not require grad: nothing to hook
+    assert not obs2.compute().grad_seen
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_raises_naming_layer(bad):
+    obs = ChannelStatsObserver(4, name="features.3")
+    x = randn(2, 4, 3, 3)
+    x[1, 2, 0, 1] = bad
+    with pytest.raises(ValueError, match=r"features\.3.*1 NaN/Inf"):
+        obs(x)
+
+
+def test_compute_on_empty_observer_raises():
+    obs = ChannelStatsObserver(4, name="fc")
+    with pytest.raises(ValueError, match=r"'fc'.*no activations"):
+        obs.compute()
+    obs(randn(2, 4))
+    obs.reset()
+    with pytest.raises(ValueError, match="no activations"):
+        obs.compute()
+    assert obs.samples().shape == (4, 0)
+
+
+def test_reset_clears_everything():
+    obs = ChannelStatsObserver(4, track_gradients=True)
+    xr = randn(2, 4, 3).requires_grad_(True)
+    obs(xr).sum().backward()
+    obs.reset()
+    x = randn(3, 4, 2, seed=9)
+    obs(x)
+    st = obs.compute()
+    assert torch.equal(st.max_abs, flat([x]).abs().amax(dim=1))
+    assert st.count == 6 and not st.grad_seen
+
+
+# ----------------------------------------------------------------------------------------------- reduce
+class TwoRanks:
+    """Fake distributed reduction: rank 0's reducer combines each call with rank 1's tensor of the same call."""
+
+    OPS = {  # noqa: RUF012
+        "sum": lambda a, b: a + b,
+        "max": torch.maximum,
+        "min": torch.minimum,
+        "cat": lambda a, b: torch.cat([a, b], dim=-1),
+    }
+
+    def __init__(self, other: ChannelStatsObserver) -> None:
+        self.recorded: list[tuple[torch.Tensor, str]] = []
+        other.reduce_(self._record)  # rank 1 runs the same sequence of collectives
+        self.calls = 0
+
+    def _record(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        self.recorded.append((t.clone(), op))
+        return t
+
+    def __call__(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        other, other_op = self.recorded[self.calls]
+        self.calls += 1
+        assert op == other_op
+        return self.OPS[op](t, other)
+
+
+def _observe(xs, track=False):
+    obs = ChannelStatsObserver(4, samples_per_batch=6, track_gradients=track)
+    for x in xs:
+        xr = x.clone().requires_grad_(track)
+        out = obs(xr)
+        if track:
+            (out.square() * 0.5).sum().backward()
+    return obs
+
+
+def test_reduce_with_two_fake_ranks_gives_merged_statistics():
+    xa, xb = batches(seed=0, n=2), batches(seed=20, n=3)
+    rank0, rank1 = _observe(xa, track=True), _observe(xb)
+    samples0, samples1 = rank0.samples().clone(), rank1.samples().clone()
+    reducer = TwoRanks(rank1)
+    rank0.reduce_(reducer)
+    assert reducer.calls == len(reducer.recorded)
+    st = rank0.compute()
+    allv = flat(xa + xb)
+    assert torch.equal(st.max_abs, allv.abs().amax(dim=1))
+    assert torch.equal(st.min, allv.amin(dim=1))
+    assert torch.allclose(st.energy, allv.double().square().sum(dim=1), rtol=1e-5)
+    assert st.count == allv.shape[1]
+    assert st.grad_seen  # seen on rank 0 only: still seen after the reduction
+    grads_a = flat(xa).double()  # d(0.5 x^2)/dx = x on rank 0, nothing on rank 1
+    assert torch.allclose(st.grad_sq, grads_a.square().sum(dim=1), rtol=1e-5)
+    assert torch.equal(st.samples, torch.cat([samples0, samples1], dim=1))
+
+
+def test_reduce_with_identity_reducer_is_a_no_op():
+    xs = batches()
+    obs = _observe(xs)
+    before = obs.compute()
+    obs.reduce_(lambda t, op: t)
+    after = obs.compute()
+    for field in ("max_abs", "min", "energy", "grad_sq", "saliency", "samples"):
+        assert torch.equal(getattr(before, field), getattr(after, field)), field
+    assert (before.count, before.grad_seen) == (after.count, after.grad_seen)
+
+
+def test_reduce_keeps_large_counts_exact():
+    obs = ChannelStatsObserver(3)
+    obs(randn(1, 3, 1))  # one value per channel on this rank
+
+    def reducer(t: torch.Tensor, op: str) -> torch.Tensor:
+        if op == "sum" and t.shape == (2,):  # (count, grad_seen): the other rank saw 2**24 values per channel
+            return t + torch.tensor([2**24, 0], dtype=t.dtype)
+        return t  # the other rank contributes nothing else
+
+    obs.reduce_(reducer)
+    assert obs.count == 2**24 + 1
