@@ -72,6 +72,36 @@ def test_linear_layout_channel_last():
     assert st.numel_per_sample == 7
 
 
+LAYOUTS = [((4, 3, 5, 5), 1), ((6, 3), -1), ((2, 5, 3), -1), ((2, 5, 3), 2), ((3, 7), 1)]
+BUGGY_LAYOUTS = [((3, 6, 4), 0), ((3, 6), 0)]
+CHANNEL_FIRST_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ChannelStatsObserver._update (observers.py, `self._samples.append(x[index].float().t()...)`) "
+    "assumes advanced indexing puts the sampled axis first; with channel_dim=0 the slice comes first, "
+    "x[index] is already (C, k) and .t() stores (k, C). Index x.movedim(cd, -1) instead",
+)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channel_dim"),
+    LAYOUTS + [pytest.param(*layout, marks=CHANNEL_FIRST_BUG) for layout in BUGGY_LAYOUTS],
+)
+def test_samples_for_every_layout(shape, channel_dim):
+    c = shape[channel_dim]
+    xs = [randn(*shape, seed=i) for i in range(2)]
+    obs = ChannelStatsObserver(c, channel_dim=channel_dim, samples_per_batch=4)
+    for x in xs:
+        obs(x)
+    st = obs.compute()
+    allv = flat(xs, channel_dim)
+    assert torch.equal(st.max_abs, allv.abs().amax(dim=1))
+    assert st.count == allv.shape[1]
+    k = min(4, allv.shape[1] // 2)
+    assert st.samples.shape == (c, 2 * k)
+    for j in range(st.samples.shape[1]):
+        assert (allv == st.samples[:, j : j + 1]).all(dim=0).any()
+
+
 def test_nonnegative_data_has_nonnegative_min():
     obs = ChannelStatsObserver(4)
     obs(randn(2, 4, 3, 3).relu())
