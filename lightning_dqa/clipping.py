@@ -20,8 +20,11 @@ CLIP_RATIOS = torch.linspace(1.0, 0.2, 81)
 def _percentile_max(samples: Tensor, percentile: float, max_abs: Tensor) -> Tensor:
     if samples.shape[1] == 0 or percentile >= 100.0:
         return max_abs
-    q = torch.quantile(samples.abs().float(), percentile / 100.0, dim=1)  # (C,)
-    return torch.minimum(q.to(max_abs.device), max_abs)
+    q = torch.quantile(samples.abs().float(), percentile / 100.0, dim=1).to(max_abs.device)  # (C,)
+    # A sparse live channel (mostly exact zeros after ReLU) has a zero percentile: clipping it to 0 would
+    # erase it, so such channels keep their maximum.
+    q = torch.where(q > 0, q, max_abs)
+    return torch.minimum(q, max_abs)
 
 
 def _mse_max(samples: Tensor, bits: Tensor, signed: bool, max_abs: Tensor, chunk: int = 16) -> Tensor:

@@ -7,6 +7,7 @@ express every field. Every check names the argument, the rule and the value give
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,8 +115,12 @@ class DQAConfig:
         from lightning_dqa.selection import RANKINGS  # local: selection imports nothing from here
 
         _choice("ranking", self.ranking, tuple(RANKINGS))
-        if not 0.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"Expected percentile to be in (0, 100], got {self.percentile!r}")
+        if (
+            isinstance(self.percentile, bool)
+            or not isinstance(self.percentile, int | float)
+            or not 0.0 < float(self.percentile) <= 100.0
+        ):
+            raise ValueError(f"Expected percentile to be a number in (0, 100], got {self.percentile!r}")
         if self.scale_mode == "dynamic" and self.clipping != "none":
             raise ValueError(
                 f"Expected clipping='none' with scale_mode='dynamic' (dynamic scales take the run-time "
@@ -126,14 +131,23 @@ class DQAConfig:
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"Expected {name} to be a list of strings, got {value!r}")
             object.__setattr__(self, name, tuple(value))
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(
+                        f"Expected {name} entries to be regular expressions, got {pattern!r}: {err}"
+                    ) from None
         for t in self.layer_types:
             _choice("layer_types entry", t, LAYER_TYPES)
         if not self.layer_types:
             raise ValueError("Expected layer_types to name at least one layer type, got []")
         for name in ("first_layer_bits", "last_layer_bits"):
             value = getattr(self, name)
-            if value is not None and value != 0:
-                _int_in(name, value, MIN_BITS, MAX_BITS, " (or 0 for full precision, None for bits)")
+            if value is None or (type(value) is int and value == 0):
+                continue
+            _int_in(name, value, MIN_BITS, MAX_BITS, " (or 0 for full precision, None for bits)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Expected seed to be an int, got {self.seed!r}")
 

@@ -14,6 +14,7 @@ The Lightning callback passes its strategy's reduce/broadcast so that every rank
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -177,8 +178,13 @@ def calibrate(*args: Any, **kwargs: Any) -> CalibrationReport:
     Runs outside ``torch.inference_mode`` (Lightning evaluates under it, and tensors created there could
     neither update statistics in place later nor join autograd). See :func:`_calibrate` for the arguments.
     """
-    with torch.inference_mode(False):
-        return _calibrate(*args, **kwargs)
+    model = args[0] if args else kwargs["model"]
+    was_training = model.training
+    try:
+        with torch.inference_mode(False):
+            return _calibrate(*args, **kwargs)
+    finally:
+        model.train(was_training)
 
 
 def _calibrate(
@@ -278,6 +284,12 @@ def _calibrate(
     for obs in collector.observers.values():
         if reducer is not None:
             obs.reduce_(reducer)
+    unreached = [name for name, obs in collector.observers.items() if obs.count == 0]
+    if unreached:
+        raise ValueError(
+            f"Layers {unreached} were never reached by the forward pass during calibration, so they cannot be "
+            f"calibrated; leave them out with exclude={[f'^{re.escape(n)}$' for n in unreached]}"
+        )
     stats = {name: obs.compute() for name, obs in collector.observers.items()}
     order = collector.order + [n for n in quantizers if n not in collector.order]
     _freeze_scales(quantizers, stats, config, important_bits=False)

@@ -147,7 +147,7 @@ def fake_quantize(
     """
     qmin, qmax = quant_range(bits, signed)
     s = channel_view(scale, x.ndim, channel_dim)
-    return torch.clamp(round_ste(x / s), qmin, qmax) * s
+    return _ste_fake_quantize(x, s, torch.tensor(float(qmin)), torch.tensor(float(qmax)))
 
 
 def mixed_fake_quantize(
@@ -181,12 +181,26 @@ def mixed_fake_quantize(
     lo = channel_view(qmin.to(x.dtype), x.ndim, channel_dim)
     hi = channel_view(qmax.to(x.dtype), x.ndim, channel_dim)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        out = torch.minimum(torch.maximum(round_ste(x / s), lo), hi) * s
+        out = _ste_fake_quantize(x, s, lo, hi)
     else:
         out = _inplace_mixed_fake_quantize(x, scale, qmin, qmax, channel_dim)
     if fp_mask is not None and bool(fp_mask.any()):
         out = torch.where(channel_view(fp_mask, x.ndim, channel_dim), x, out)
     return out
+
+
+def _ste_fake_quantize(x: Tensor, s: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``s * clamp(round(x * (1/s)), lo, hi)`` with straight-through and LSQ gradients.
+
+    The in-range mask is taken on the unrounded code ``v = x / s``: inside ``[lo, hi]`` (bounds included, so
+    the exact zeros of unsigned codes count as inside) ``dy/dx = 1`` and ``dy/ds = round(v) - v``; outside,
+    ``dy/dx = 0`` and ``dy/ds = lo`` or ``hi``. Rounding after clamping equals clamping after rounding because
+    the bounds are integers.
+    """
+    v = x * (1.0 / s)
+    inside = ((v >= lo) & (v <= hi)).detach()
+    vc = torch.where(inside, v, torch.minimum(torch.maximum(v, lo), hi).detach())
+    return round_ste(vc) * s
 
 
 def _inplace_mixed_fake_quantize(x: Tensor, scale: Tensor, qmin: Tensor, qmax: Tensor, channel_dim: int) -> Tensor:

@@ -134,10 +134,9 @@ class ChannelStatsObserver(nn.Module):
         # k random positions (without replacement), the same for every channel: (k, C) by advanced indexing
         k = min(self.samples_per_batch, values)
         flat_pos = torch.randperm(values, generator=self._generator)[:k]
-        coords = iter(torch.unravel_index(flat_pos, tuple(x.shape[d] for d in dims)))
-        cd = self.channel_dim % x.ndim
-        index = tuple(slice(None) if d == cd else next(coords).to(x.device) for d in range(x.ndim))
-        self._samples.append(x[index].float().t().contiguous())  # (C, k)
+        xm = x.movedim(self.channel_dim % x.ndim, -1)  # a view with channels last
+        coords = tuple(c.to(x.device) for c in torch.unravel_index(flat_pos, tuple(xm.shape[:-1])))
+        self._samples.append(xm[coords].float().t().contiguous())  # (k, C) -> (C, k)
         if sum(s.shape[1] for s in self._samples) > 2 * self.max_samples:
             self._thin()
 

@@ -70,6 +70,11 @@ class ActivationQuantizer(nn.Module):
         name: str = "",
     ) -> None:
         super().__init__()
+        if scale_mode not in ("dynamic", "static", "learnable"):
+            raise ValueError(
+                f"Layer {name!r}: expected scale_mode to be one of ['dynamic', 'static', 'learnable'], "
+                f"got {scale_mode!r}"
+            )
         self.num_channels = int(num_channels)
         self.scale_mode = scale_mode
         self.channel_dim = channel_dim

@@ -162,31 +162,16 @@ def test_paper_config():
         paper_config(1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DQAConfig.__post_init__ checks `value is not None and value != 0`, so first_layer_bits=False "
-    "(and 0.0) slips through as full precision instead of being rejected like bits=True",
-)
 @pytest.mark.parametrize("value", [False, 0.0])
 def test_first_layer_bits_rejects_bool_and_float_zero(value):
     check(["first_layer_bits", repr(value)], first_layer_bits=value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DQAConfig.__post_init__ calls `float(self.percentile)` unguarded: a string gives Python's own "
-    "ValueError that does not name the argument, None a TypeError, True is accepted as 1.0",
-)
 @pytest.mark.parametrize("value", ["high", None, True])
 def test_percentile_non_numbers(value):
     check(["percentile", repr(value)], percentile=value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: include/exclude patterns are compiled only in attach.find_quant_points (`re.compile(p)`); an "
-    "invalid regex passes DQAConfig and later fails with re.error (not ValueError) far from the config",
-)
 @pytest.mark.parametrize("arg", ["include", "exclude"])
 def test_invalid_regex_is_rejected_at_construction(arg):
     check([arg, "'('"], **{arg: ("(",)})
