@@ -11,6 +11,15 @@ from lightning_dqa.observers import ChannelStats, ChannelStatsObserver
 from lightning_dqa.selection import GRADIENT_RANKINGS, RANKINGS, important_mask, rank_channels
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
