@@ -76,7 +76,8 @@ def _ablation(results: dict[str, Any]) -> list[str]:
     for r in recs:
         out.append(
             f"| {r.get('experiment', '')} | {r['ranking']} | {r['ratio']} | {r['extra_bits']} | {r['seed']} | "
-            f"{r['calib_samples']} | {r['accuracy']:.2f} | {r['bits_per_value']:.3f} | {r['calib_seconds']:.1f} |"
+            f"{r['calib_samples']} | {r['test_images']} | {r['accuracy']:.2f} | {r['bits_per_value']:.3f} | "
+            f"{r['calib_seconds']:.1f} |"
         )
     out += ["", _meta(results, "ablation")]
     return out
@@ -97,7 +98,13 @@ def _interp(curve: list[tuple[float, float]], x: float) -> float | None:
 def _tradeoff(results: dict[str, Any], png: Path) -> list[str]:
     curve = _uniform_curve(results)
     dqa = [r for r in _records(results, "table1") if r["method"] == "dqa" and r["setting"] == "default"]
-    dqa += [r for r in _records(results, "ablation") if r.get("experiment") in ("ratio", "extra_bits")]
+    # only points measured on the same test images as the uniform curve are compared with it
+    same = {r["test_images"] for r in _records(results, "uniform")}
+    dqa += [
+        r
+        for r in _records(results, "ablation")
+        if r.get("experiment") in ("ratio", "extra_bits") and r["test_images"] in same
+    ]
     if not curve or not dqa:
         return ["_Needs the uniform and table1 sections._"]
     lines = [
