@@ -4,13 +4,15 @@ Sections (each can be run alone; results merge into ``docs/results/resnet32_cifa
 
 * ``table1``: FP32, direct, NoisyQuant and DQA at 3, 4, 5 bits on the full test set, calibration on 5,000
   seeded-random training images, in the paper's setting and in this project's default setting.
-* ``ablation``: channel selection at 3 bits (greedy, fisher, energy, saliency, random with 3 seeds) and
-  sweeps of r (0.1..0.9) and m (1..4), default setting.
+* ``ablation``: channel selection at 3 bits (fisher, energy, saliency, max, random with 3 seeds; greedy
+  against fisher on the same, smaller calibration set), default setting.
+* ``sweeps``: r (0.1..0.9) and m (1..4) at 3 bits, default setting.
 * ``uniform``: direct quantization at 3..8 bits, for the accuracy / measured-bits trade-off.
 * ``overhead``: see ``examples/bench_overhead.py`` (run it; its JSON is merged when present).
 * ``qat``: 3-bit DQA fine-tuned briefly with the callback.
 
-    python examples/make_report.py --sections table1 ablation uniform qat   # about an hour on 2 CPU cores
+    python examples/make_report.py --sections table1 uniform qat           # table 1: under 30 min on 2 CPU cores
+    python examples/make_report.py --sections ablation sweeps --ablation-test 2000
     python examples/make_report.py --render-only                          # rebuild RESULTS.md and the PNG
 """
 
@@ -56,14 +58,21 @@ def section_ablation(dm: Any, calib: int, greedy_calib: int) -> list[dict[str, A
         specs.append(dict(method="dqa", bits=3, ranking=ranking, experiment="ranking"))
     for seed in (0, 1, 2):
         specs.append(dict(method="dqa", bits=3, ranking="random", seed=seed, experiment="ranking"))
-    for ratio in (0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9):
-        specs.append(dict(method="dqa", bits=3, ratio=ratio, experiment="ratio"))
-    for m in (1, 2, 4):
-        specs.append(dict(method="dqa", bits=3, extra_bits=m, experiment="extra_bits"))
     out = _runs(dm, calib, specs)
-    out += _runs(dm, greedy_calib, [dict(method="dqa", bits=3, ranking="greedy", experiment="ranking")])
-    out += _runs(dm, greedy_calib, [dict(method="dqa", bits=3, ranking="fisher", experiment="ranking_same_calib")])
-    return out
+    same_calib = [
+        dict(method="dqa", bits=3, ranking="fisher", experiment="ranking_greedy_calib"),
+        dict(method="dqa", bits=3, ranking="greedy", experiment="ranking_greedy_calib"),
+    ]
+    return out + _runs(dm, greedy_calib, same_calib)
+
+
+def section_sweeps(dm: Any, calib: int) -> list[dict[str, Any]]:
+    specs: list[dict[str, Any]] = []
+    for ratio in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        specs.append(dict(method="dqa", bits=3, ratio=ratio, experiment="ratio"))
+    for m in (1, 2, 3, 4):
+        specs.append(dict(method="dqa", bits=3, extra_bits=m, experiment="extra_bits"))
+    return _runs(dm, calib, specs)
 
 
 def section_uniform(dm: Any, calib: int) -> list[dict[str, Any]]:
@@ -120,7 +129,7 @@ def section_qat(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="*", default=["table1", "ablation", "uniform", "qat"])
+    parser.add_argument("--sections", nargs="*", default=["table1", "uniform", "qat", "ablation", "sweeps"])
     parser.add_argument("--data-root", default=str(DEFAULT_DATA))
     parser.add_argument("--calib-samples", type=int, default=5000)
     parser.add_argument("--greedy-calib-samples", type=int, default=1000)
@@ -141,6 +150,8 @@ def main() -> None:
                 recs = section_table1(full, args.calib_samples)
             elif section == "ablation":
                 recs = section_ablation(part, args.calib_samples, args.greedy_calib_samples)
+            elif section == "sweeps":
+                recs = section_sweeps(part, args.calib_samples)
             elif section == "uniform":
                 recs = section_uniform(part, args.calib_samples)
             elif section == "qat":

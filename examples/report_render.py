@@ -66,7 +66,7 @@ def _targets(results: dict[str, Any]) -> list[str]:
 
 
 def _ablation(results: dict[str, Any]) -> list[str]:
-    recs = _records(results, "ablation")
+    recs = _records(results, "ablation") + _records(results, "sweeps")
     if not recs:
         return ["_Not run yet._"]
     out = [
@@ -79,7 +79,7 @@ def _ablation(results: dict[str, Any]) -> list[str]:
             f"{r['calib_samples']} | {r['test_images']} | {r['accuracy']:.2f} | {r['bits_per_value']:.3f} | "
             f"{r['calib_seconds']:.1f} |"
         )
-    out += ["", _meta(results, "ablation")]
+    out += ["", _meta(results, "ablation"), _meta(results, "sweeps")]
     return out
 
 
@@ -100,11 +100,7 @@ def _tradeoff(results: dict[str, Any], png: Path) -> list[str]:
     dqa = [r for r in _records(results, "table1") if r["method"] == "dqa" and r["setting"] == "default"]
     # only points measured on the same test images as the uniform curve are compared with it
     same = {r["test_images"] for r in _records(results, "uniform")}
-    dqa += [
-        r
-        for r in _records(results, "ablation")
-        if r.get("experiment") in ("ratio", "extra_bits") and r["test_images"] in same
-    ]
+    dqa += [r for r in _records(results, "sweeps") if r["test_images"] in same]
     if not curve or not dqa:
         return ["_Needs the uniform and table1 sections._"]
     lines = [

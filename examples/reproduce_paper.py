@@ -64,6 +64,7 @@ def run_one(
     extra_bits: int = 3,
     calib_samples: int = 5000,
     seed: int = 0,
+    experiment: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Post-training quantization of one model with one configuration; returns its record."""
@@ -114,6 +115,7 @@ def run_one(
         "eval_seconds": round(total - calib, 2),
         "test_images": datamodule.limit_test or 10_000,
         "seed": seed,
+        **({"experiment": experiment} if experiment else {}),
         **{k: v for k, v in overrides.items() if k not in SETTINGS[setting]},
     }
 
