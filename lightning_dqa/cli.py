@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["main"]
+__all__ = ["main", "run_cli"]
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Run the CLI (``args`` default to ``sys.argv[1:]``); returns the CLI object (for tests)."""
+def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Build and run the CLI (``args`` default to ``sys.argv[1:]``); returns the CLI object."""
     return LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -25,6 +25,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def main() -> None:
+    """Console entry point ``lightning-dqa`` (returns nothing, so the exit status is 0 on success)."""
+    run_cli()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_dqa.cli import main
+from lightning_dqa.cli import run_cli as main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,3 +85,13 @@ def test_shipped_configs_parse(config):
         main([subcommand, "--config", str(config), "--print_config"])
     assert exc.value.code in (0, None)
     assert yaml.safe_load(out.getvalue())["model"]["class_path"]
+
+
+def test_console_entry_point_exits_zero(tiny_config, tmp_path, monkeypatch):
+    import sys
+
+    from lightning_dqa.cli import main as console_main
+
+    argv = ["lightning-dqa", "validate", "--config", str(tiny_config), "--trainer.default_root_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert console_main() is None  # setuptools wraps it as sys.exit(main()): None means status 0
