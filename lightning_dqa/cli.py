@@ -22,7 +22,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=None,  # it would write config.yaml into the working directory on every run
         auto_configure_optimizers=False,
     )
 
