@@ -46,16 +46,17 @@ from torch import Tensor, fx, nn
 from lightning_dqa.attach import QUANTIZER_ATTR, _output_hook
 from lightning_dqa.quantizers import ActivationQuantizer
 
-__all__ = ["DEFAULT_SAMPLES_PER_PASS", "greedy_rank"]
+__all__ = ["DEFAULT_PASS_BYTES", "greedy_rank"]
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
 ObjectiveFn = Callable[[Any, Batch], Any]
 ProgressFn = Callable[[int, int], None]
 
-# Rows (replicas x batch) per candidate pass. Measured on ResNet-32 on a 2-core CPU (examples/bench_rankings.py,
-# --speedup): larger passes gain little beyond this and spill the CPU caches.
-DEFAULT_SAMPLES_PER_PASS = 256
+# Candidate passes are sized so that the largest tensor they compute holds about this many bytes. Measured on
+# ResNet-32 on a 2-core CPU (examples/bench_rankings.py --speedup): larger passes spill the CPU caches and run
+# slower per sample on the 32x32 stage; smaller ones pay per-operation overhead on the 8x8 stage.
+DEFAULT_PASS_BYTES = 8 * 2**20
 
 
 def greedy_rank(
@@ -68,7 +69,7 @@ def greedy_rank(
     *,
     progress: ProgressFn | None = None,
     fast: bool = True,
-    samples_per_pass: int = DEFAULT_SAMPLES_PER_PASS,
+    samples_per_pass: int | None = None,
 ) -> dict[str, Tensor]:
     """Score every channel of every layer with the paper's greedy search (higher is more important).
 
@@ -90,7 +91,9 @@ def greedy_rank(
         progress: called as ``progress(done, total)`` in candidate channels as the search advances.
         fast: use the traced, batched search; ``False`` runs one full forward pass per candidate.
         samples_per_pass: rows per candidate pass on the fast path: ``K = samples_per_pass // batch size``
-            candidates share a pass (at least 1).
+            candidates share a pass (at least 1). ``None`` sizes each layer's passes so that the largest
+            tensor they compute holds about :data:`DEFAULT_PASS_BYTES` (more candidates per pass for layers
+            whose downstream activations are small).
 
     Returns:
         ``(C,)`` float64 scores on the CPU for every name in ``order``: the objective summed over all
@@ -98,7 +101,7 @@ def greedy_rank(
 
     Raises:
         ValueError: when ``order`` names an unknown layer or one twice, ``batches`` is empty, or
-            ``samples_per_pass`` is not positive.
+            ``samples_per_pass`` is neither ``None`` nor a positive int.
 
     Example (``calibrate`` with ``DQAConfig(ranking="greedy")`` makes this call itself):
         >>> from lightning_dqa import DQAConfig
@@ -139,7 +142,10 @@ def greedy_rank(
 
 
 def _check_arguments(
-    quantizers: dict[str, ActivationQuantizer], order: Sequence[str], batches: list[Batch], samples_per_pass: int
+    quantizers: dict[str, ActivationQuantizer],
+    order: Sequence[str],
+    batches: list[Batch],
+    samples_per_pass: int | None,
 ) -> None:
     unknown = [n for n in order if n not in quantizers]
     if unknown:
@@ -148,8 +154,10 @@ def _check_arguments(
         raise ValueError(f"Expected order to name each layer once, got {list(order)}")
     if not batches:
         raise ValueError("Expected at least one calibration batch for the greedy search, got none")
-    if isinstance(samples_per_pass, bool) or not isinstance(samples_per_pass, int) or samples_per_pass < 1:
-        raise ValueError(f"Expected samples_per_pass to be a positive int, got {samples_per_pass!r}")
+    if samples_per_pass is not None and (
+        isinstance(samples_per_pass, bool) or not isinstance(samples_per_pass, int) or samples_per_pass < 1
+    ):
+        raise ValueError(f"Expected samples_per_pass to be None or a positive int, got {samples_per_pass!r}")
 
 
 def _walk_layers(
@@ -160,7 +168,7 @@ def _walk_layers(
     forward_fn: ForwardFn,
     objective_fn: ObjectiveFn,
     search: _GraphSearch | None,
-    samples_per_pass: int,
+    samples_per_pass: int | None,
     tracker: _Progress,
 ) -> dict[str, Tensor]:
     """The search proper: score each layer's channels, then keep its best channel in full precision."""
@@ -307,6 +315,7 @@ class _Plan:
         downstream: nodes every candidate pass runs, in graph order, ending with the output node.
         raw: ``where="output"``: the layer's call, cached unquantized (its quantizer runs per candidate).
         free_up / free_down: values that can be dropped once a node ran (memory of ``K * N`` rows matters).
+        row_bytes: bytes per batch row of the largest tensor the downstream nodes compute.
 
     """
 
@@ -316,6 +325,7 @@ class _Plan:
     raw: fx.Node | None
     free_up: dict[fx.Node, list[fx.Node]]
     free_down: dict[fx.Node, list[fx.Node]]
+    row_bytes: int
 
 
 class _LeafTracer(fx.Tracer):
@@ -351,6 +361,7 @@ class _GraphSearch:
             if node.op == "call_module":
                 by_module.setdefault(id(gm.get_submodule(str(node.target))), []).append(node)
         self.calls = {name: by_module.get(id(_layer_of(q, model, name)), []) for name, q in quantizers.items()}
+        self.row_bytes: dict[fx.Node, int] = {}
 
     @classmethod
     def build(
@@ -367,7 +378,7 @@ class _GraphSearch:
             tracer = _LeafTracer({id(m) for m in layers.values()})
             gm = fx.GraphModule(model, tracer.trace(model))
             search = cls(gm, quantizers, model)
-            search._check_calls(layers, [n for n in order if not quantizers[n].passthrough], probe_batch, forward_fn)
+            search._probe(layers, [n for n in order if not quantizers[n].passthrough], probe_batch, forward_fn)
         except Exception as err:  # any tracing failure only costs speed
             warnings.warn(
                 f"Greedy ranking: torch.fx cannot run {type(model).__name__} piecewise ({type(err).__name__}: "
@@ -377,15 +388,16 @@ class _GraphSearch:
             return None
         return search
 
-    def _check_calls(self, layers: dict[str, nn.Module], names: list[str], batch: Batch, forward_fn: ForwardFn) -> None:
-        """Raise unless one real forward calls every searched layer as often as the graph says it does.
+    def _probe(self, layers: dict[str, nn.Module], names: list[str], batch: Batch, forward_fn: ForwardFn) -> None:
+        """Check the graph against one real forward pass, then measure its tensors on the same inputs.
 
-        A layer called where the graph cannot see it (inside a leaf module or a wrapped function) would
-        otherwise look unaffected by its candidates.
+        Raises unless every searched layer ran as often as the graph says it does: a layer called where the
+        graph cannot see it (inside a leaf module or a wrapped function) would look unaffected by its
+        candidates.
         """
         counts = dict.fromkeys(names, 0)
-        model_calls = [0]
-        handles = [self.model.register_forward_pre_hook(lambda m, a: _bump(model_calls, 0))]
+        inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []  # (args, kwargs) of each model call
+        handles = [self.model.register_forward_pre_hook(lambda m, a, kw: inputs.append((a, kw)), with_kwargs=True)]
         for name in names:
             handles.append(layers[name].register_forward_pre_hook(lambda m, a, n=name: _bump(counts, n)))
         try:
@@ -394,11 +406,27 @@ class _GraphSearch:
             for h in handles:
                 h.remove()
         for name in names:
-            if counts[name] != len(self.calls[name]) * model_calls[0]:
+            if counts[name] != len(self.calls[name]) * len(inputs):
                 raise _Unsupported(
-                    f"layer {name!r} ran {counts[name]} times in {model_calls[0]} model calls but appears "
+                    f"layer {name!r} ran {counts[name]} times in {len(inputs)} model calls but appears "
                     f"{len(self.calls[name])} times in the traced graph"
                 )
+        if inputs:
+            self._measure_rows(*inputs[0])
+
+    def _measure_rows(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Bytes per batch row of every node's tensor value (sizes the candidate passes)."""
+        env = self._bind(args, kwargs)
+        rows = _rows_of(env)
+        nodes = [n for n in self.nodes if n.op != "placeholder"]
+        free = _last_uses(nodes, keep=set())
+        self.interp.env = env
+        for node in nodes:
+            value = env[node] = self.interp.run_node(node)
+            if isinstance(value, Tensor) and value.ndim and value.shape[0] == rows:
+                self.row_bytes[node] = value[0].numel() * value.element_size()
+            for dead in free.get(node, ()):
+                del env[dead]
 
     # ------------------------------------------------------------------ one layer
     def layer_scores(
@@ -407,7 +435,7 @@ class _GraphSearch:
         batches: list[Batch],
         forward_fn: ForwardFn,
         objective_fn: ObjectiveFn,
-        samples_per_pass: int,
+        samples_per_pass: int | None,
         tracker: _Progress,
     ) -> Tensor | None:
         """Scores ``(C,)`` of layer ``name``'s candidates; ``None`` (with a warning) if the self-check failed."""
@@ -420,7 +448,9 @@ class _GraphSearch:
         scores = torch.zeros(c, dtype=torch.float64)
         for b, batch in enumerate(batches):
             runner.new_batch()
-            groups = _candidate_groups(c, _batch_rows(batch), samples_per_pass)
+            rows = _batch_rows(batch)
+            per_pass = samples_per_pass or max(rows, DEFAULT_PASS_BYTES // max(plan.row_bytes, 1))
+            groups = _candidate_groups(c, rows, per_pass)
             for g, group in enumerate(groups):
                 runner.candidates(group)
                 try:
@@ -464,6 +494,7 @@ class _GraphSearch:
             raw=raw,
             free_up=_last_uses(upstream, keep=set(boundary)),
             free_down=_last_uses(downstream, keep={self.output}),
+            row_bytes=max((self.row_bytes.get(n, 0) for n in downstream), default=0),
         )
 
     def _overrides(self, name: str, plan: _Plan) -> list[ActivationQuantizer]:
@@ -495,14 +526,16 @@ class _GraphSearch:
     # ------------------------------------------------------------------ execution
     def run_upstream(self, plan: _Plan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict, int]:
         """Run the cache pass on one model call's inputs; returns the boundary values and the batch rows."""
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        env: dict[fx.Node, Any] = dict(zip(self.placeholders, bound.arguments.values(), strict=True))
-        rows = next((v.shape[0] for v in env.values() if isinstance(v, Tensor) and v.ndim), None)
-        if rows is None:
-            raise _Unsupported("the model takes no tensor with a batch dimension")
+        env = self._bind(args, kwargs)
+        rows = _rows_of(env)
         self._run(plan.upstream, env, plan.free_up)
         return {n: env[n] for n in plan.boundary}, rows
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[fx.Node, Any]:
+        """The placeholders' values for one call of the model."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(zip(self.placeholders, bound.arguments.values(), strict=True))
 
     def run_downstream(
         self,
@@ -586,7 +619,15 @@ def _layer_of(q: ActivationQuantizer, model: nn.Module, name: str) -> nn.Module:
     return layer
 
 
-def _bump(counts: dict[Any, int] | list[int], key: Any) -> None:
+def _rows_of(env: dict[fx.Node, Any]) -> int:
+    """Batch size of a model call: the first dimension of its first tensor input."""
+    rows = next((int(v.shape[0]) for v in env.values() if isinstance(v, Tensor) and v.ndim), None)
+    if rows is None:
+        raise _Unsupported("the model takes no tensor with a batch dimension")
+    return rows
+
+
+def _bump(counts: dict[Any, int], key: Any) -> None:
     counts[key] += 1
 
 

@@ -179,11 +179,13 @@ def test_fast_path_matches_reference(where: str, scale_mode: str) -> None:
     assert any(len(set(s.tolist())) > 1 for s in want.values()), "the candidates should matter"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback may happen
-        # 40 rows per pass: groups of 2 candidates for the 16-row batches, 4 for the 9-row one.
-        got = greedy_rank(model, quantizers, order, batches, forward_fn, objective_fn, samples_per_pass=40)
-        one = greedy_rank(model, quantizers, order, batches, forward_fn, objective_fn, samples_per_pass=1)
-    assert_same_scores(got, want)
-    assert_same_scores(one, want)
+        # None: sized by bytes, every candidate of a layer in one pass here (tiny activations); 40 rows:
+        # groups of 2 candidates for the 16-row batches, 4 for the 9-row one; 1: one candidate per pass.
+        for samples_per_pass in (None, 40, 1):
+            got = greedy_rank(
+                model, quantizers, order, batches, forward_fn, objective_fn, samples_per_pass=samples_per_pass
+            )
+            assert_same_scores(got, want)
     assert not any(s.is_inference() for s in got.values())
 
 
