@@ -176,6 +176,20 @@ def test_camvid_datamodule_synthetic_batches(tmp_path: Path) -> None:
     assert len(dm.val_set) == 1
 
 
+def test_camvid_calibration_subset_is_seeded_and_unaugmented(tmp_path: Path) -> None:
+    dm = CamVidDataModule(root=str(_fake_camvid(tmp_path, n=5)), scale_range=(0.5, 2.0), crop_size=(4, 4))
+    a, b = dm.calibration_subset(3, seed=1), dm.calibration_subset(3, seed=1)
+    assert list(a.indices) == list(b.indices) and len(set(a.indices)) == 3
+    assert any(list(dm.calibration_subset(3, seed=s).indices) != list(a.indices) for s in range(2, 6))
+    image, mask = a[0]
+    assert image.shape == (3, H, W) and mask.shape == (H, W)  # full size: no crop or rescaling
+    assert torch.equal(a[0][0], image)
+    images, masks = next(iter(dm.calibration_dataloader(3, seed=1, batch_size=2)))
+    assert images.shape == (2, 3, H, W) and masks.shape == (2, H, W)
+    with pytest.raises(ValueError, match=r"n to be an int in \[1, 5\].*got 6"):
+        dm.calibration_subset(6)
+
+
 def test_camvid_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"root to be the CamVid folder.*train.txt"):
         CamVidDataModule(root=str(tmp_path / "absent"))

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
 __all__ = [
@@ -313,3 +313,36 @@ class CamVidDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test batches."""
         return self.test_dataloader()
+
+    def calibration_subset(self, n: int, seed: int = 0) -> Subset:
+        """A seeded random subset of the training pairs with the *evaluation* transform (no augmentation).
+
+        Args:
+            n: number of pairs, at most the size of the (limited) training split.
+            seed: seed of the draw; the same ``(n, seed)`` gives the same pairs.
+
+        Returns:
+            A ``Subset`` of ``(image (3, H, W), mask (H, W))`` pairs at full size.
+
+        Raises:
+            ValueError: if ``n`` is not a positive int no larger than the training split.
+
+        """
+        train = CamVidDataset(self.root, "train", self.eval_transform, self.limits["train"])
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(train):
+            raise ValueError(f"Expected n to be an int in [1, {len(train)}] (the training split), got {n!r}")
+        picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        return Subset(train, picks)
+
+    def calibration_dataloader(self, n: int, seed: int = 0, batch_size: int | None = None) -> DataLoader:
+        """Batches of :meth:`calibration_subset` in a fixed order (``eval_batch_size`` unless given).
+
+        :class:`~lightning_dqa.DQACallback` calls this with its ``calibration_samples`` and seed, so
+        calibration sees un-augmented training images rather than random crops.
+        """
+        return DataLoader(
+            self.calibration_subset(n, seed),
+            batch_size=batch_size or self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+        )
