@@ -98,23 +98,30 @@ def accuracy(model: nn.Module, batches: list[Batch]) -> float:
     return 100.0 * correct / sum(len(b[1]) for b in batches)
 
 
+def calibrate_with(args: argparse.Namespace, config: DQAConfig, batches: list[Batch]) -> tuple[float, Any, nn.Module]:
+    """Seconds of :func:`calibrate` on a fresh model with ``config``, its report, and the calibrated model."""
+    model = fresh_model(args.weights)
+    prepare(model, config)
+    seconds, report = timed(
+        lambda: calibrate(model, config, batches, forward_fn=forward_fn, loss_fn=loss_fn, objective_fn=objective_fn)
+    )
+    return seconds, report, model
+
+
 def bench_rankings(args: argparse.Namespace, batches: list[Batch], test: list[Batch]) -> None:
+    """Each ranking's calibration against one calibration pass without ranking and a plain FP32 pass."""
     base = fp32_pass(fresh_model(args.weights), batches)
     samples = sum(len(b[1]) for b in batches)
-    print(f"plain calibration pass (FP32 forward, {samples} samples): {base:.3f} s")
-    head = f"{'ranking':<10}{'seconds':>10}{'stats s':>10}{'rank s':>10}{'x FP32 pass':>13}"
+    # One calibration pass: the same statistics pass and scale freezing, direct quantization (nothing ranked).
+    calib, _, _ = calibrate_with(args, make_config(args, "fisher").replace(method="direct"), batches)
+    print(f"plain FP32 forward over the {samples} calibration samples: {base:.3f} s")
+    print(f"one calibration pass (statistics + frozen scales, no ranking): {calib:.3f} s")
+    head = f"{'ranking':<10}{'seconds':>10}{'stats s':>10}{'rank s':>10}{'x calib pass':>14}{'x FP32 pass':>13}"
     print(head + (f"{'test acc %':>12}" if test else ""))
     for ranking in args.rankings:
-        model = fresh_model(args.weights)
-        config = make_config(args, ranking)
-        prepare(model, config)
-        seconds, report = timed(
-            lambda m=model, c=config: calibrate(
-                m, c, batches, forward_fn=forward_fn, loss_fn=loss_fn, objective_fn=objective_fn
-            )
-        )
+        seconds, report, model = calibrate_with(args, make_config(args, ranking), batches)
         row = f"{ranking:<10}{seconds:>10.2f}{report.stats_seconds:>10.2f}{report.rank_seconds:>10.2f}"
-        row += f"{seconds / base:>13.1f}"
+        row += f"{seconds / calib:>14.2f}{seconds / base:>13.1f}"
         print(row + (f"{accuracy(model, test):>12.2f}" if test else ""), flush=True)
 
 
