@@ -26,12 +26,13 @@ import time
 from typing import Any
 
 import torch
-from reproduce_paper import DEFAULT_DATA, DEFAULT_WEIGHTS, REPO, make_datamodule, quiet, run_one
+from reproduce_paper import DEFAULT_DATA, DEFAULT_WEIGHTS, REPO, fine_tune_one, make_datamodule, quiet, run_one
 
 OUT_DIR = REPO / "docs" / "results"
 JSON_PATH = OUT_DIR / "resnet32_cifar10.json"
 PNG_PATH = OUT_DIR / "tradeoff_resnet32.png"
 MD_PATH = REPO / "docs" / "RESULTS.md"
+NETWORK_JSONS = ("mobilenetv2_cifar10", "unet_camvid")  # written by report_networks.py
 
 
 def _runs(dm: Any, calib: int, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -81,48 +82,18 @@ def section_uniform(dm: Any, calib: int) -> list[dict[str, Any]]:
 
 def section_qat(args: argparse.Namespace) -> list[dict[str, Any]]:
     """3-bit DQA, learnable scales, fine-tuned with SGD for a fixed number of steps, then evaluated."""
-    from lightning.pytorch import Trainer, seed_everything
-
-    from lightning_dqa import DQACallback
     from lightning_dqa.data import CIFAR10DataModule
-    from lightning_dqa.tasks import ImageClassifier
 
-    seed_everything(0, verbose=False)
     dm = CIFAR10DataModule(root=args.data_root, batch_size=128, eval_batch_size=500, seed=0)
-    model = ImageClassifier(arch="resnet32", weights=str(DEFAULT_WEIGHTS), lr=args.qat_lr, weight_decay=0.0)
-    cb = DQACallback(bits=3, scale_mode="learnable", calibration_samples=5000, verbose=False)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=args.qat_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[cb],
+    rec = fine_tune_one(
+        arch="resnet32",
+        weights=str(DEFAULT_WEIGHTS),
+        datamodule=dm,
+        bits=3,
+        steps=args.qat_steps,
+        lr=args.qat_lr,
+        calib_samples=args.calib_samples,
     )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    train_seconds = time.perf_counter() - start
-    (metrics,) = trainer.validate(model, datamodule=dm, verbose=False)
-    rec = {
-        "arch": "resnet32",
-        "method": "dqa",
-        "bits": 3,
-        "extra_bits": 3,
-        "ratio": 0.4,
-        "ranking": "fisher",
-        "setting": "default+qat",
-        "accuracy": round(100 * float(metrics["val/acc"]), 2),
-        "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
-        "memory_saving": round(float(metrics["dqa/memory_saving"]), 4),
-        "qat_steps": args.qat_steps,
-        "qat_batch_size": 128,
-        "qat_lr": args.qat_lr,
-        "train_seconds": round(train_seconds, 1),
-    }
     print(json.dumps(rec), flush=True)
     return [rec]
 
@@ -165,9 +136,21 @@ def main() -> None:
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
             }
             JSON_PATH.write_text(json.dumps(results, indent=1))
+    write_report(results)
+
+
+def write_report(results: dict[str, Any] | None = None) -> None:
+    """Render docs/RESULTS.md and the PNG from the ResNet-32 JSON (read unless given) and the other networks'."""
+    if results is None:
+        results = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
     overhead = OUT_DIR / "overhead_resnet32.json"
     if overhead.exists():
         results["overhead"] = json.loads(overhead.read_text())
+    results["networks"] = {
+        name: json.loads((OUT_DIR / f"{name}.json").read_text())
+        for name in NETWORK_JSONS
+        if (OUT_DIR / f"{name}.json").exists()
+    }
     from report_render import render
 
     MD_PATH.write_text(render(results, PNG_PATH))

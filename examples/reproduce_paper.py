@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lightning_dqa import DQACallback
 from lightning_dqa.data import CIFAR10DataModule
-from lightning_dqa.tasks import ImageClassifier
+from lightning_dqa.tasks import ImageClassifier, SegmentationModel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -55,7 +55,7 @@ def run_one(
     *,
     arch: str,
     weights: str,
-    datamodule: CIFAR10DataModule,
+    datamodule: LightningDataModule,
     method: str,
     bits: int,
     setting: str = "default",
@@ -65,11 +65,18 @@ def run_one(
     calib_samples: int = 5000,
     seed: int = 0,
     experiment: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    stage: str = "validate",
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Post-training quantization of one model with one configuration; returns its record."""
+    """Post-training quantization of one model with one configuration; returns its record.
+
+    ``model_kwargs`` go to the task's constructor (e.g. ``{"arch_kwargs": {"width_mult": 0.5}}``); ``arch="unet"``
+    builds a :class:`SegmentationModel` and records its mIoU as well. ``stage`` is ``validate`` (the CIFAR-10
+    data module validates on the test set) or ``test``.
+    """
     seed_everything(seed, verbose=False)
-    model = ImageClassifier(arch=arch, weights=weights)
+    model = build_task(arch, weights, model_kwargs)
     kwargs: dict[str, Any] = dict(SETTINGS[setting])
     kwargs.update(overrides)
     callback = DQACallback(
@@ -93,7 +100,11 @@ def run_one(
         callbacks=[callback],
     )
     start = time.perf_counter()
-    (metrics,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    if stage not in ("validate", "test"):
+        raise ValueError(f"Expected stage to be 'validate' or 'test', got {stage!r}")
+    run = trainer.validate if stage == "validate" else trainer.test
+    (metrics,) = run(model, datamodule=datamodule, verbose=False)
+    prefix = "val" if stage == "validate" else "test"
     total = time.perf_counter() - start
     report = callback.report
     calib = 0.0 if report is None else report.stats_seconds + report.rank_seconds
@@ -105,7 +116,8 @@ def run_one(
         "ratio": ratio if method == "dqa" else 0.0,
         "ranking": ranking if method == "dqa" else None,
         "setting": setting,
-        "accuracy": round(100.0 * float(metrics["val/acc"]), 2),
+        "accuracy": round(100.0 * float(metrics[f"{prefix}/acc"]), 2),
+        **({"miou": round(100.0 * float(metrics[f"{prefix}/miou"]), 2)} if f"{prefix}/miou" in metrics else {}),
         "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
         "activation_kib_per_image": round(float(metrics["dqa/activation_bytes_per_sample"]) / 1024, 2),
         "fp32_activation_kib_per_image": round(float(metrics["dqa/fp32_activation_bytes_per_sample"]) / 1024, 2),
@@ -113,11 +125,97 @@ def run_one(
         "calib_samples": calib_samples,
         "calib_seconds": round(calib, 2),
         "eval_seconds": round(total - calib, 2),
-        "test_images": datamodule.limit_test or 10_000,
+        "test_images": _evaluated_images(datamodule, stage),
         "seed": seed,
         **({"experiment": experiment} if experiment else {}),
         **{k: v for k, v in overrides.items() if k not in SETTINGS[setting]},
     }
+
+
+def fine_tune_one(
+    *,
+    arch: str,
+    weights: str,
+    datamodule: LightningDataModule,
+    bits: int = 3,
+    steps: int = 200,
+    lr: float = 0.002,
+    calib_samples: int = 5000,
+    model_kwargs: dict[str, Any] | None = None,
+    stage: str = "validate",
+    seed: int = 0,
+    **callback_kwargs: Any,
+) -> dict[str, Any]:
+    """DQA in the default setting with learnable scales, fine-tuned for ``steps`` optimizer steps, then evaluated.
+
+    The task's own optimizer and schedule run (cosine over the ``steps``) at learning rate ``lr`` without weight
+    decay; calibration happens at fit start, as for any user of the callback. Returns the record of the run.
+    """
+    seed_everything(seed, verbose=False)
+    model = build_task(arch, weights, {**(model_kwargs or {}), "lr": lr, "weight_decay": 0.0})
+    callback = DQACallback(
+        bits=bits,
+        scale_mode="learnable",
+        calibration_samples=calib_samples,
+        seed=seed,
+        verbose=False,
+        **callback_kwargs,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[callback],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    # A second Trainer evaluates (the first one has validation off); the callback keeps the fine-tuned state,
+    # since it never calibrates a calibrated model again.
+    evaluator = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback]
+    )
+    run = evaluator.validate if stage == "validate" else evaluator.test
+    (metrics,) = run(model, datamodule=datamodule, verbose=False)
+    prefix = "val" if stage == "validate" else "test"
+    config = callback.config
+    return {
+        "arch": arch,
+        "method": "dqa",
+        "bits": bits,
+        "extra_bits": config.extra_bits,
+        "ratio": config.ratio,
+        "ranking": config.ranking,
+        "setting": "default+qat",
+        "accuracy": round(100 * float(metrics[f"{prefix}/acc"]), 2),
+        **({"miou": round(100.0 * float(metrics[f"{prefix}/miou"]), 2)} if f"{prefix}/miou" in metrics else {}),
+        "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
+        "memory_saving": round(float(metrics["dqa/memory_saving"]), 4),
+        "qat_steps": steps,
+        "qat_batch_size": getattr(datamodule, "batch_size", None),
+        "qat_lr": lr,
+        "train_seconds": round(train_seconds, 1),
+        "calib_samples": calib_samples,
+        "seed": seed,
+    }
+
+
+def build_task(arch: str, weights: str, model_kwargs: dict[str, Any] | None = None) -> LightningModule:
+    """The LightningModule of ``arch`` with ``weights`` loaded: a :class:`SegmentationModel` for ``unet``."""
+    if arch == "unet":
+        return SegmentationModel(arch=arch, weights=weights, **(model_kwargs or {}))
+    return ImageClassifier(arch=arch, weights=weights, **(model_kwargs or {}))
+
+
+def _evaluated_images(datamodule: LightningDataModule, stage: str) -> int:
+    """How many images the validate / test loader of ``datamodule`` holds."""
+    loader = datamodule.val_dataloader() if stage == "validate" else datamodule.test_dataloader()
+    return len(loader.dataset)
 
 
 def make_datamodule(data_root: str, limit_test: int | None, calib_samples: int, seed: int) -> CIFAR10DataModule:
