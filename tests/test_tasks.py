@@ -145,3 +145,45 @@ def test_cli_parses_tasks_and_data(tmp_path: Path) -> None:
     assert isinstance(init.data, CIFAR10DataModule) and isinstance(init.camvid, CamVidDataModule)
     with pytest.raises(jsonargparse.ArgumentError):
         parser.parse_args(["--data.val_split=train"])
+
+
+@pytest.mark.parametrize("task", ["classifier", "segmentation"])
+def test_channels_last_gives_the_same_outputs_and_gradients(task: str) -> None:
+    torch.manual_seed(0)
+    if task == "classifier":
+        kw: dict = dict(arch="mobilenetv2", arch_kwargs={"width_mult": 0.25})
+        x, make = torch.randn(3, 3, 32, 32), ImageClassifier
+    else:
+        kw = dict(base_width=4, depth=2)
+        x, make = torch.randn(2, 3, 20, 28), SegmentationModel
+    plain, fast = make(**kw).eval(), make(**kw, channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    conv = next(m for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    out_plain, out_fast = plain(x), fast(x)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
+    out_plain.square().sum().backward()
+    out_fast.square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_dqa_calibrates_a_channels_last_model_like_a_plain_one() -> None:
+    from lightning_dqa import DQAConfig, calibrate, prepare
+    from lightning_dqa.attach import quantizers_of
+
+    torch.manual_seed(0)
+    kw: dict = dict(arch="mobilenetv2", arch_kwargs={"width_mult": 0.25})
+    plain, fast = ImageClassifier(**kw).eval(), ImageClassifier(**kw, channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    config = DQAConfig(bits=4, ranking="energy")
+    for model in (plain, fast):
+        prepare(model, config)
+        calibrate(model, config, batches, forward_fn=lambda m, b: m(b[0]))
+    for (name, q), r in zip(quantizers_of(plain).items(), quantizers_of(fast).values(), strict=True):
+        assert torch.equal(q.important, r.important), name
+        torch.testing.assert_close(r.scale, q.scale, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        a, b = plain(batches[0][0]), fast(batches[0][0])
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.75  # a code may flip at a rounding boundary
