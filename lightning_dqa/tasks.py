@@ -51,6 +51,10 @@ def _to_channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
+# A leaf for torch.fx (the greedy ranking traces the module): its ndim test cannot run on a Proxy.
+torch.fx.wrap("_to_channels_last")
+
+
 def _check_schedule(schedule: str) -> None:
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"Expected schedule to be one of ['cosine', 'constant'], got {schedule!r}")

@@ -187,3 +187,24 @@ def test_dqa_calibrates_a_channels_last_model_like_a_plain_one() -> None:
     with torch.no_grad():
         a, b = plain(batches[0][0]), fast(batches[0][0])
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.75  # a code may flip at a rounding boundary
+
+
+def test_greedy_ranking_traces_a_channels_last_model() -> None:
+    import warnings
+
+    from lightning_dqa import DQAConfig, calibrate, prepare
+
+    torch.manual_seed(0)
+    model = SegmentationModel(base_width=4, depth=2, channels_last=True).eval()
+    batches = [(torch.randn(2, 3, 12, 16), torch.randint(0, 11, (2, 12, 16)))]
+    config = DQAConfig(bits=3, ranking="greedy")
+    prepare(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fx fast path must not fall back to the per-candidate loop
+        calibrate(
+            model,
+            config,
+            batches,
+            forward_fn=lambda m, b: m(b[0]),
+            objective_fn=lambda out, b: -torch.nn.functional.cross_entropy(out, b[1], reduction="sum"),
+        )
