@@ -273,6 +273,21 @@ def _network(section: dict[str, Any]) -> list[str]:
             f"| {r['setting']} | {METHOD_NAMES[r['method']]} | {r['bits']} | {r[score]:.2f} | "
             f"{fp32[score] - r[score]:.2f} | {r['bits_per_value']:.3f} | {100 * r['memory_saving']:.1f} % |{paper}"
         )
+    for setting in ("paper", "default"):
+        at3 = {
+            r["method"]: r[score] for r in ptq if r["setting"] == setting and r["bits"] == 3 and not r.get("experiment")
+        }
+        if {"direct", "noisyquant", "dqa"} <= at3.keys():
+            lines.append(
+                f"- {setting} setting, 3 bits: DQA - direct = {at3['dqa'] - at3['direct']:+.2f}, DQA - NoisyQuant = "
+                f"{at3['dqa'] - at3['noisyquant']:+.2f} points."
+            )
+    if not seg:
+        ref = MOBILENETV2_3BIT
+        lines.append(
+            f"- Extended paper, 3 bits (MobileNetV2 width 1.0, FP32 {ref['fp32']}): direct {ref['direct']}, NoisyQuant "
+            f"{ref['noisyquant']}, DQA {ref['dqa']} %. Drops from FP32 are what compare across training recipes."
+        )
     lines += ["", _meta(section, "ptq"), ""]
     same = [r for r in ptq if r.get("experiment") == "ranking_greedy_calib"]
     if same:
@@ -289,8 +304,8 @@ def _network(section: dict[str, Any]) -> list[str]:
     for r in section.get("qat", {}).get("records", []):
         lines += [
             f"Fine-tuned: 3-bit DQA (learnable scales) for {r['qat_steps']} steps of batch {r['qat_batch_size']} at "
-            f"lr {r['qat_lr']} ({r['train_seconds'] / 60:.1f} min): **{r[score]:.2f}** {unit} "
-            f"({fp32[score] - r[score]:+.2f} below FP32 where positive) at {r['bits_per_value']:.3f} bits per value.",
+            f"lr {r['qat_lr']} ({r['train_seconds'] / 60:.1f} min): **{r[score]:.2f}** {unit}, a drop of "
+            f"{fp32[score] - r[score]:.2f} from FP32, at {r['bits_per_value']:.3f} bits per value.",
             "",
             _meta(section, "qat"),
             "",
