@@ -263,6 +263,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--limit-test", type=int, default=None, help="first N test images (default: all 10,000)")
     parser.add_argument("--calib-samples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default=None,
+        help='JSON for the task constructor, e.g. \'{"arch_kwargs": {"width_mult": 0.5, "dropout": 0.0}}\' for '
+        "examples/checkpoints/mobilenetv2_w050_cifar10.pt",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="write the records to this JSON file")
     args = parser.parse_args(argv)
@@ -291,6 +298,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     extra_bits=args.extra_bits,
                     calib_samples=args.calib_samples,
                     seed=args.seed,
+                    model_kwargs=args.model_kwargs,
                 )
                 records.append(rec)
                 print(format_table([rec]).splitlines()[-1], flush=True)
