@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dqa.config import DQAConfig
+from lightning_dqa.methods import get_method
 from lightning_dqa.quantizers import ActivationQuantizer
 
 __all__ = [
@@ -103,13 +104,18 @@ def _output_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Te
 
 
 def layer_bits(config: DQAConfig, index: int, count: int) -> int:
-    """Code width of target ``index`` of ``count``: ``bits`` unless the first/last override applies."""
+    """Code width of target ``index`` of ``count``: ``bits`` unless the first/last override applies.
+
+    A full-precision method (``fp32``) gives 0 everywhere: pass-through quantizers.
+    """
+    if get_method(config.method).full_precision:
+        return 0
     bits = config.bits
     if index == count - 1 and config.last_layer_bits is not None:
         bits = config.last_layer_bits
     if index == 0 and config.first_layer_bits is not None:
         bits = config.first_layer_bits
-    return 0 if config.method == "fp32" else bits
+    return bits
 
 
 def attach_quantizers(
@@ -122,8 +128,8 @@ def attach_quantizers(
     Args:
         model: any module; changed in place.
         config: what to quantize.
-        factory: builds the quantizer for a point and its bit width; the default builds
-            :class:`ActivationQuantizer` (NoisyQuant passes its own).
+        factory: builds the quantizer for a point and its bit width; default: the builder of
+            ``config.method``'s entry in :data:`lightning_dqa.methods.METHODS`.
 
     Returns:
         Quantizers by layer name, in registration order.
@@ -131,21 +137,10 @@ def attach_quantizers(
     """
     detach_quantizers(model)
     points = find_quant_points(model, config)
+    build = factory if factory is not None else get_method(config.method).factory(config)
     out: dict[str, ActivationQuantizer] = {}
     for i, point in enumerate(points):
-        bits = layer_bits(config, i, len(points))
-        if factory is None:
-            quantizer = ActivationQuantizer(
-                point.num_channels,
-                bits=bits,
-                extra_bits=config.extra_bits,
-                scale_mode=config.scale_mode,
-                signed=config.code != "unsigned",
-                channel_dim=point.channel_dim,
-                name=point.name,
-            )
-        else:
-            quantizer = factory(point, bits)
+        quantizer = build(point, layer_bits(config, i, len(points)))
         point.layer.add_module(QUANTIZER_ATTR, quantizer)
         if point.where == "input":
             handle = point.layer.register_forward_pre_hook(_input_hook)

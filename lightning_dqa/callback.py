@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -37,6 +38,37 @@ from lightning_dqa.meter import MemoryMeter
 __all__ = ["DQACallback"]
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+
+
+def _check_lifecycle_args(
+    calibration_samples: Any,
+    calibration_source: Any,
+    delay_steps: Any,
+    greedy_objective: Any,
+    ignore_index: Any,
+    flags: dict[str, Any],
+    export_path: Any,
+) -> None:
+    """Validate the callback's own (non-quantization) arguments; each error names argument, rule and value."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(calibration_samples) or calibration_samples < 1:
+        raise ValueError(f"Expected calibration_samples to be a positive int, got {calibration_samples!r}")
+    if calibration_source not in ("train", "val"):
+        raise ValueError(f"Expected calibration_source to be 'train' or 'val', got {calibration_source!r}")
+    if not is_int(delay_steps) or delay_steps < 0:
+        raise ValueError(f"Expected delay_steps to be a non-negative int, got {delay_steps!r}")
+    if greedy_objective not in ("accuracy", "loss"):
+        raise ValueError(f"Expected greedy_objective to be 'accuracy' or 'loss', got {greedy_objective!r}")
+    if not is_int(ignore_index):
+        raise ValueError(f"Expected ignore_index to be an int (a target value to ignore), got {ignore_index!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"Expected {name} to be a bool, got {value!r}")
+    if export_path is not None and (not isinstance(export_path, str | os.PathLike) or not str(export_path)):
+        raise ValueError(f"Expected export_path to be a non-empty path string or None, got {export_path!r}")
 
 
 class DQACallback(Callback):
@@ -82,9 +114,9 @@ class DQACallback(Callback):
         clipping: Literal["none", "percentile", "mse"] = "mse",
         percentile: float = 99.99,
         where: Literal["input", "output"] = "input",
-        layer_types: list[str] | None = None,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
+        layer_types: Sequence[str] = ("Conv2d", "Linear"),
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
         first_layer_bits: int | None = 8,
         last_layer_bits: int | None = None,
         seed: int = 0,
@@ -111,21 +143,24 @@ class DQACallback(Callback):
             clipping=clipping,
             percentile=percentile,
             where=where,
-            layer_types=tuple(layer_types) if layer_types is not None else ("Conv2d", "Linear"),
-            include=tuple(include or ()),
-            exclude=tuple(exclude or ()),
+            layer_types=layer_types,
+            include=include,
+            exclude=exclude,
             first_layer_bits=first_layer_bits,
             last_layer_bits=last_layer_bits,
             seed=seed,
         )
-        if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
-            raise ValueError(f"Expected calibration_samples to be a positive int, got {calibration_samples!r}")
-        if calibration_source not in ("train", "val"):
-            raise ValueError(f"Expected calibration_source to be 'train' or 'val', got {calibration_source!r}")
-        if isinstance(delay_steps, bool) or not isinstance(delay_steps, int) or delay_steps < 0:
-            raise ValueError(f"Expected delay_steps to be a non-negative int, got {delay_steps!r}")
-        if greedy_objective not in ("accuracy", "loss"):
-            raise ValueError(f"Expected greedy_objective to be 'accuracy' or 'loss', got {greedy_objective!r}")
+        _check_lifecycle_args(
+            calibration_samples=calibration_samples,
+            calibration_source=calibration_source,
+            delay_steps=delay_steps,
+            greedy_objective=greedy_objective,
+            ignore_index=ignore_index,
+            flags=dict(
+                measure_memory=measure_memory, log_per_layer=log_per_layer, fp32_baseline=fp32_baseline, verbose=verbose
+            ),
+            export_path=export_path,
+        )
         self.calibration_samples = calibration_samples
         self.calibration_source = calibration_source
         self.delay_steps = delay_steps

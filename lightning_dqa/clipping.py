@@ -6,12 +6,14 @@ per-channel maximum ``M_c <= max |x_c|``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from lightning_dqa import functional as F
 
-__all__ = ["CLIP_RATIOS", "clip_max"]
+__all__ = ["CLIPPINGS", "CLIP_RATIOS", "clip_max"]
 
 # Candidate clip ratios (fraction of the observed maximum) for the MSE search: 1.0 down to 0.2.
 CLIP_RATIOS = torch.linspace(1.0, 0.2, 81)
@@ -39,9 +41,7 @@ def _mse_max(samples: Tensor, bits: Tensor, signed: bool, max_abs: Tensor, chunk
         r = ratios[start : start + chunk]  # (R,)
         cand = max_abs[None, :] * r[:, None]  # (R, C)
         scale = F.scale_from_max(cand, bits[None, :], signed)  # (R, C)
-        exp = (bits - int(signed)).float()  # per-channel code bounds: [-2**(b-1), 2**(b-1)-1] or [0, 2**b-1]
-        qmax = torch.pow(2.0, exp) - 1  # (C,)
-        qmin = -torch.pow(2.0, exp) if signed else torch.zeros_like(qmax)
+        qmin, qmax = F.code_bounds(bits, signed)  # (C,) each
         q = torch.clamp(torch.round(x[None] / scale[..., None]), qmin[None, :, None], qmax[None, :, None])
         err = (q * scale[..., None] - x[None]).square().sum(dim=-1)  # (R, C)
         val, idx = err.min(dim=0)
@@ -49,6 +49,23 @@ def _mse_max(samples: Tensor, bits: Tensor, signed: bool, max_abs: Tensor, chunk
         best_err = torch.where(better, val, best_err)
         best = torch.where(better, cand.gather(0, idx[None]).squeeze(0), best)
     return best
+
+
+def _no_clip(max_abs: Tensor, samples: Tensor, bits: Tensor, signed: bool, percentile: float) -> Tensor:
+    return max_abs.clone()
+
+
+def _percentile_rule(max_abs: Tensor, samples: Tensor, bits: Tensor, signed: bool, percentile: float) -> Tensor:
+    return _percentile_max(samples, percentile, max_abs)
+
+
+def _mse_rule(max_abs: Tensor, samples: Tensor, bits: Tensor, signed: bool, percentile: float) -> Tensor:
+    return _mse_max(samples, bits, signed, max_abs)
+
+
+ClipRule = Callable[[Tensor, Tensor, Tensor, bool, float], Tensor]
+CLIPPINGS: dict[str, ClipRule] = {"none": _no_clip, "percentile": _percentile_rule, "mse": _mse_rule}
+"""Clipping rules by name: ``rule(max_abs (C,), samples (C, K), bits (C,), signed, percentile) -> (C,)``."""
 
 
 def clip_max(
@@ -59,7 +76,7 @@ def clip_max(
     signed: bool,
     percentile: float = 99.99,
 ) -> Tensor:
-    """Per-channel clipping maxima.
+    """Per-channel clipping maxima by the rule :data:`CLIPPINGS` ``[method]``.
 
     Args:
         method: ``none``, ``percentile`` or ``mse``.
@@ -76,11 +93,8 @@ def clip_max(
         ValueError: for an unknown method.
 
     """
-    if method == "none":
-        return max_abs.clone()
-    if method == "percentile":
-        return _percentile_max(samples, percentile, max_abs)
-    if method == "mse":
-        bits_t = torch.as_tensor(bits, device=max_abs.device).expand_as(max_abs)
-        return _mse_max(samples, bits_t, signed, max_abs)
-    raise ValueError(f"Expected clipping to be one of ['none', 'percentile', 'mse'], got {method!r}")
+    rule = CLIPPINGS.get(method)
+    if rule is None:
+        raise ValueError(f"Expected clipping to be one of {list(CLIPPINGS)}, got {method!r}")
+    bits_t = torch.as_tensor(bits, device=max_abs.device).expand_as(max_abs)
+    return rule(max_abs, samples, bits_t, signed, percentile)

@@ -11,15 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = [
-    "CLIPPINGS",
-    "CODES",
-    "METHODS",
-    "SCALE_MODES",
-    "WHERE",
-    "DQAConfig",
-    "paper_config",
-]
+__all__ = ["CODES", "PAPER_SETTING", "SCALE_MODES", "WHERE", "DQAConfig", "paper_config"]
 
 Method = Literal["dqa", "direct", "noisyquant", "fp32"]
 ScaleMode = Literal["dynamic", "static", "learnable"]
@@ -27,10 +19,8 @@ Code = Literal["signed", "unsigned", "auto"]
 Clipping = Literal["none", "percentile", "mse"]
 Where = Literal["input", "output"]
 
-METHODS: tuple[str, ...] = ("dqa", "direct", "noisyquant", "fp32")
 SCALE_MODES: tuple[str, ...] = ("dynamic", "static", "learnable")
 CODES: tuple[str, ...] = ("signed", "unsigned", "auto")
-CLIPPINGS: tuple[str, ...] = ("none", "percentile", "mse")
 WHERE: tuple[str, ...] = ("input", "output")
 LAYER_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear", "ConvTranspose2d")
 
@@ -55,16 +45,17 @@ class DQAConfig:
         bits: ``n``, the width of every stored main code (3, 4 or 5 in the paper; 2..8 accepted).
         extra_bits: ``m``, the extra precision of important channels; ``n + m`` must not exceed 16.
         ratio: ``r``, the fraction of each layer's channels that is important (0 gives direct quantization).
-        method: ``dqa``; ``direct`` (no important channels); ``noisyquant`` (the NoisyQuant baseline);
-            ``fp32`` (quantizers installed but pass-through, for baselines and memory accounting).
+        method: a key of :data:`lightning_dqa.methods.METHODS`: ``dqa``; ``direct`` (no important channels);
+            ``noisyquant`` (the NoisyQuant baseline); ``fp32`` (quantizers installed but pass-through).
         ranking: name of the channel-ranking criterion (see :data:`lightning_dqa.selection.RANKINGS`).
         scale_mode: ``dynamic`` takes each channel's maximum from the tensor at run time (the paper);
             ``static`` freezes scales from calibration; ``learnable`` starts from the static scales and
             trains them with the LSQ gradient during fine-tuning.
         code: ``signed`` codes (the paper); ``unsigned`` for non-negative tensors; ``auto`` picks unsigned
             for a layer whose calibration activations were all non-negative (e.g. after ReLU).
-        clipping: how static scales clip outliers: ``none`` (calibration maximum), ``percentile`` or
-            ``mse`` (per-channel clip minimising the quantization error on calibration samples).
+        clipping: a key of :data:`lightning_dqa.clipping.CLIPPINGS`, how static scales clip outliers: ``none``
+            (calibration maximum), ``percentile`` or ``mse`` (per-channel clip minimising the quantization
+            error on calibration samples).
         percentile: the percentile of ``|x|`` used by ``clipping="percentile"``, in (0, 100].
         where: quantize the ``input`` of each target layer (what a deployment stores between layers) or
             its ``output`` (the third-party reproduction's choice).
@@ -98,23 +89,51 @@ class DQAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_widths()
+        self._check_choices()
+        for name in ("layer_types", "include", "exclude"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, str)
+                or not isinstance(value, list | tuple)
+                or not all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(f"Expected {name} to be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        self._check_layers()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Expected seed to be an int, got {self.seed!r}")
+
+    def _check_widths(self) -> None:
         _int_in("bits", self.bits, MIN_BITS, MAX_BITS)
         _int_in("extra_bits", self.extra_bits, 1, MAX_TOTAL_BITS - MIN_BITS)
-        if self.bits + self.extra_bits > MAX_TOTAL_BITS:
-            raise ValueError(
-                f"Expected bits + extra_bits <= {MAX_TOTAL_BITS}, got {self.bits} + {self.extra_bits} = "
-                f"{self.bits + self.extra_bits}; lower extra_bits"
-            )
+        for name in ("first_layer_bits", "last_layer_bits"):
+            value = getattr(self, name)
+            if value is None or (type(value) is int and value == 0):
+                continue
+            _int_in(name, value, MIN_BITS, MAX_BITS, " (or 0 for full precision, None for bits)")
+        for name in ("bits", "first_layer_bits", "last_layer_bits"):
+            width = getattr(self, name)
+            if width and width + self.extra_bits > MAX_TOTAL_BITS:
+                raise ValueError(
+                    f"Expected {name} + extra_bits <= {MAX_TOTAL_BITS}, got {width} + {self.extra_bits} = "
+                    f"{width + self.extra_bits}; lower extra_bits"
+                )
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"Expected ratio to be a float in [0, 1], got {self.ratio!r}")
-        _choice("method", self.method, METHODS)
+
+    def _check_choices(self) -> None:
+        # Local imports: the registries import this module.
+        from lightning_dqa.clipping import CLIPPINGS
+        from lightning_dqa.methods import METHODS
+        from lightning_dqa.selection import RANKINGS
+
+        _choice("method", self.method, tuple(METHODS))
+        _choice("ranking", self.ranking, tuple(RANKINGS))
+        _choice("clipping", self.clipping, tuple(CLIPPINGS))
         _choice("scale_mode", self.scale_mode, SCALE_MODES)
         _choice("code", self.code, CODES)
-        _choice("clipping", self.clipping, CLIPPINGS)
         _choice("where", self.where, WHERE)
-        from lightning_dqa.selection import RANKINGS  # local: selection imports nothing from here
-
-        _choice("ranking", self.ranking, tuple(RANKINGS))
         if (
             isinstance(self.percentile, bool)
             or not isinstance(self.percentile, int | float)
@@ -126,11 +145,8 @@ class DQAConfig:
                 f"Expected clipping='none' with scale_mode='dynamic' (dynamic scales take the run-time "
                 f"maximum), got clipping={self.clipping!r}; use scale_mode='static' to clip"
             )
-        for name in ("layer_types", "include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"Expected {name} to be a list of strings, got {value!r}")
-            object.__setattr__(self, name, tuple(value))
+
+    def _check_layers(self) -> None:
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):
                 try:
@@ -143,25 +159,25 @@ class DQAConfig:
             _choice("layer_types entry", t, LAYER_TYPES)
         if not self.layer_types:
             raise ValueError("Expected layer_types to name at least one layer type, got []")
-        for name in ("first_layer_bits", "last_layer_bits"):
-            value = getattr(self, name)
-            if value is None or (type(value) is int and value == 0):
-                continue
-            _int_in(name, value, MIN_BITS, MAX_BITS, " (or 0 for full precision, None for bits)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"Expected seed to be an int, got {self.seed!r}")
+
+    @property
+    def selects_channels(self) -> bool:
+        """Whether calibration ranks channels: the method keeps important channels and ``ratio > 0``."""
+        from lightning_dqa.methods import get_method
+
+        return get_method(self.method).selects_channels and self.ratio > 0
 
     @property
     def effective_ratio(self) -> float:
-        """The fraction of important channels actually used: 0 unless the method is ``dqa``."""
-        return float(self.ratio) if self.method == "dqa" else 0.0
+        """The fraction of important channels actually used: 0 unless the method selects channels."""
+        return float(self.ratio) if self.selects_channels else 0.0
 
     @property
     def needs_gradients(self) -> bool:
         """Whether calibration must run a backward pass (gradient-based rankings)."""
-        from lightning_dqa.selection import GRADIENT_RANKINGS
+        from lightning_dqa.selection import RANKINGS
 
-        return self.method == "dqa" and self.ratio > 0 and self.ranking in GRADIENT_RANKINGS
+        return self.selects_channels and RANKINGS[self.ranking].needs_gradients
 
     def replace(self, **changes: Any) -> DQAConfig:
         """A copy with ``changes`` applied (and validated)."""
@@ -175,24 +191,29 @@ class DQAConfig:
         return d
 
 
-def paper_config(bits: int, **changes: Any) -> DQAConfig:
-    """The paper's exact setting: dynamic per-channel maxima, signed codes, no clipping, layer outputs.
+PAPER_SETTING: dict[str, Any] = dict(
+    extra_bits=3,
+    ratio=0.4,
+    method="dqa",
+    ranking="greedy",
+    scale_mode="dynamic",
+    code="signed",
+    clipping="none",
+    where="output",
+    first_layer_bits=None,
+    last_layer_bits=None,
+)
+"""The paper's exact setting (``DQA_METHOD.md`` sections 2-5), every field but ``bits``; defined here only.
 
-    Every Conv2d and Linear output is quantized at ``bits`` (first and last included), ``r = 0.4``,
-    ``m = 3`` and the greedy ranking, as in the extended version (``DQA_METHOD.md`` sections 2-5).
+Dynamic per-channel maxima, signed codes, no clipping, every Conv2d and Linear *output* quantized (first and
+last layers included), ``r = 0.4``, ``m = 3`` and the greedy ranking, as in the extended version.
+"""
+
+
+def paper_config(bits: int, **changes: Any) -> DQAConfig:
+    """The paper's exact setting (:data:`PAPER_SETTING`) at ``bits`` bits, with ``changes`` applied.
+
+    >>> paper_config(3, ranking="fisher").where
+    'output'
     """
-    base: dict[str, Any] = dict(
-        bits=bits,
-        extra_bits=3,
-        ratio=0.4,
-        method="dqa",
-        ranking="greedy",
-        scale_mode="dynamic",
-        code="signed",
-        clipping="none",
-        where="output",
-        first_layer_bits=None,
-        last_layer_bits=None,
-    )
-    base.update(changes)
-    return DQAConfig(**base)
+    return DQAConfig(**{**PAPER_SETTING, "bits": bits, **changes})

@@ -1,7 +1,16 @@
 """The framework-free DQA engine: install quantizers, calibrate them, freeze the selection.
 
-Flow (``STYLE.md``): calibration statistics (:mod:`observers`) -> scales and clipping (:mod:`clipping`) ->
-channel selection (:mod:`selection`, :mod:`greedy`) -> frozen quantizer buffers (:mod:`quantizers`).
+Calibration runs named stages, each reading what the method and the ranking need from their registries
+(:data:`lightning_dqa.methods.METHODS`, :data:`lightning_dqa.selection.RANKINGS`,
+:data:`lightning_dqa.clipping.CLIPPINGS`):
+
+1. **collect** (:mod:`lightning_dqa.collect`): one pass with observers on every quantization point;
+2. **reduce**: statistics combined over distributed ranks;
+3. **freeze scales**: code signedness and clipped static scales at ``n`` bits;
+4. **select** (methods that keep important channels): rank, mark the top ``ratio``, re-clip them at
+   ``n + m`` bits;
+5. **method step**: e.g. NoisyQuant's noise search;
+6. **finish**: the code book's error histogram, ``calibrated`` set, state broadcast from rank 0, and the report.
 
 Usable on any ``nn.Module`` without a Trainer::
 
@@ -23,13 +32,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dqa.attach import attach_quantizers, find_quant_points, quantizers_of, tap
+from lightning_dqa.attach import attach_quantizers, quantizers_of
+from lightning_dqa.batches import default_batch_size
 from lightning_dqa.clipping import clip_max
+from lightning_dqa.collect import Collected, collect
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.functional import scale_from_max
-from lightning_dqa.observers import ChannelStats, ChannelStatsObserver, Reducer
+from lightning_dqa.methods import MethodContext, get_method
+from lightning_dqa.observers import ChannelStats, Reducer
 from lightning_dqa.quantizers import ActivationQuantizer
-from lightning_dqa.selection import important_mask, rank_channels
+from lightning_dqa.selection import RANKINGS, RankInputs, important_mask
 
 __all__ = [
     "CalibrationReport",
@@ -45,6 +57,7 @@ ForwardFn = Callable[[nn.Module, Batch], Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
 ObjectiveFn = Callable[[Tensor, Batch], Tensor]
 Progress = Callable[[int], None]  # called with the number of samples just consumed
+Quantizers = dict[str, ActivationQuantizer]
 
 
 @dataclass
@@ -96,27 +109,9 @@ class CalibrationReport:
         return "\n".join(rows)
 
 
-def default_batch_size(batch: Batch) -> int:
-    """Samples in a batch: the first dimension of its first tensor (tuples, lists and dicts are searched)."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else ()
-    for item in items:
-        try:
-            return default_batch_size(item)
-        except TypeError:
-            continue
-    raise TypeError(f"Cannot find a tensor in a batch of type {type(batch).__name__} to count its samples")
-
-
-def prepare(model: nn.Module, config: DQAConfig) -> dict[str, ActivationQuantizer]:
+def prepare(model: nn.Module, config: DQAConfig) -> Quantizers:
     """Install (uncalibrated, disabled) quantizers on ``model`` as ``config`` says; returns them by name."""
-    factory = None
-    if config.method == "noisyquant":
-        from lightning_dqa.noisyquant import noisyquant_factory
-
-        factory = noisyquant_factory(config)
-    quantizers = attach_quantizers(model, config, factory)
+    quantizers = attach_quantizers(model, config)
     set_quantizers_enabled(model, False)
     return quantizers
 
@@ -127,67 +122,7 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
         q.enabled = enabled
 
 
-class _Collector:
-    """Observers on every quantization point for one statistics pass; keeps the first raw inputs on request."""
-
-    def __init__(self, model: nn.Module, config: DQAConfig, keep_inputs: int) -> None:
-        points = {p.name: p for p in find_quant_points(model, config)}
-        self.observers = {
-            name: ChannelStatsObserver(
-                p.num_channels,
-                p.channel_dim,
-                track_gradients=config.needs_gradients,
-                name=name,
-                generator_seed=config.seed + i,
-            )
-            for i, (name, p) in enumerate(points.items())
-        }
-        self.order: list[str] = []
-        self.activations: list[Tensor] = []
-        self.kept: dict[str, list[Tensor]] = {name: [] for name in points}
-        self.keep_inputs = keep_inputs
-        self.handles = [tap(p.layer, p.where, self._hook(name)) for name, p in points.items()]
-
-    def _hook(self, name: str) -> Callable[[Tensor], Tensor | None]:
-        def fn(x: Tensor) -> Tensor | None:
-            replaced = None
-            if self.observers[name].track_gradients and torch.is_grad_enabled() and not x.requires_grad:
-                # Nothing upstream needs gradients (e.g. the image): a leaf lets dL/dx reach this layer.
-                x = replaced = x.detach().requires_grad_(True)
-            if name not in self.order:
-                self.order.append(name)
-            self.observers[name](x)
-            if x.requires_grad:
-                self.activations.append(x)
-            kept = self.kept[name]
-            have = sum(t.shape[0] for t in kept)
-            if have < self.keep_inputs:
-                kept.append(x.detach()[: self.keep_inputs - have].clone())
-            return replaced
-
-        return fn
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def calibrate(*args: Any, **kwargs: Any) -> CalibrationReport:
-    """Collect statistics, rank channels, freeze scales and selection, and switch the quantizers on.
-
-    Runs outside ``torch.inference_mode`` (Lightning evaluates under it, and tensors created there could
-    neither update statistics in place later nor join autograd). See :func:`_calibrate` for the arguments.
-    """
-    model = args[0] if args else kwargs["model"]
-    was_training = model.training
-    try:
-        with torch.inference_mode(False):
-            return _calibrate(*args, **kwargs)
-    finally:
-        model.train(was_training)
-
-
-def _calibrate(
+def calibrate(
     model: nn.Module,
     config: DQAConfig,
     batches: Iterable[Batch],
@@ -203,9 +138,9 @@ def _calibrate(
 ) -> CalibrationReport:
     """Collect statistics, rank channels, freeze scales and selection, and switch the quantizers on.
 
-    The model runs in eval mode (BatchNorm uses its running statistics) with quantizers off; its training
-    mode is restored afterwards. Parameter gradients are never touched: activation gradients for the
-    ``fisher`` and ``saliency`` rankings come from ``torch.autograd.grad``.
+    The model runs in eval mode (BatchNorm uses its running statistics) with quantizers off, outside
+    ``torch.inference_mode`` (Lightning evaluates under it; tensors made there could neither update statistics
+    in place later nor join autograd); its training mode is restored afterwards, also on failure.
 
     Args:
         model: a model with quantizers installed by :func:`prepare`.
@@ -229,128 +164,79 @@ def _calibrate(
             a ranking lacks what it needs.
 
     """
+    quantizers = _check_call(model, config, num_samples, loss_fn, objective_fn)
+    method, ranking = get_method(config.method), RANKINGS[config.ranking]
+    was_training = model.training
+    try:
+        with torch.inference_mode(False):
+            model.eval()
+            set_quantizers_enabled(model, False)
+            collected = collect(
+                model, config, batches, forward_fn=forward_fn, loss_fn=loss_fn, num_samples=num_samples,
+                batch_size_fn=batch_size_fn, progress=progress, keep_inputs=method.keep_inputs,
+                keep_batches=config.selects_channels and ranking.needs_batches,
+            )  # fmt: skip
+            t1 = time.perf_counter()
+            stats = _reduce(collected, reducer)
+            order = collected.order + [n for n in quantizers if n not in collected.order]
+            freeze_scales(quantizers, stats, config, important_bits=False)
+            if config.selects_channels:
+                inputs = RankInputs(stats, order, config.seed, model, quantizers, collected.batches, forward_fn)
+                inputs.objective_fn = objective_fn
+                select_channels(quantizers, stats, config, inputs)
+            if method.step is not None:
+                method.step(MethodContext(model, config, quantizers, collected.inputs))
+            _finish(quantizers, stats, broadcast)
+            set_quantizers_enabled(model, True)
+            layers = [_layer_report(name, quantizers[name], stats[name]) for name in order]
+            rank_seconds = time.perf_counter() - t1
+            return CalibrationReport(collected.samples, collected.seconds, rank_seconds, order, layers, stats)
+    finally:
+        model.train(was_training)
+
+
+def _check_call(
+    model: nn.Module,
+    config: DQAConfig,
+    num_samples: int | None,
+    loss_fn: LossFn | None,
+    objective_fn: ObjectiveFn | None,
+) -> Quantizers:
+    """The installed quantizers, after checking that the call gives what the configuration needs."""
     quantizers = quantizers_of(model)
     if not quantizers:
         raise ValueError("Expected a model with quantizers installed (call prepare(model, config) first), found none")
-    if num_samples is not None and num_samples <= 0:
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0
+    ):
         raise ValueError(f"Expected num_samples to be a positive int or None, got {num_samples!r}")
     if config.needs_gradients and loss_fn is None:
         raise ValueError(f"Ranking {config.ranking!r} needs gradients: pass loss_fn")
-    needs_greedy = config.method == "dqa" and config.ratio > 0 and config.ranking == "greedy"
-    if needs_greedy and objective_fn is None:
-        raise ValueError("Ranking 'greedy' needs objective_fn(output, batch) to score candidates")
+    if config.selects_channels and RANKINGS[config.ranking].needs_batches and objective_fn is None:
+        raise ValueError(f"Ranking {config.ranking!r} needs objective_fn(output, batch) to score candidates")
+    return quantizers
 
-    was_training = model.training
-    model.eval()
-    set_quantizers_enabled(model, False)
-    keep = 256 if config.method == "noisyquant" else 0
-    collector = _Collector(model, config, keep_inputs=keep)
-    used: list[Batch] = []
-    seen = 0
-    t0 = time.perf_counter()
-    try:
-        for batch in batches:
-            if num_samples is not None and seen >= num_samples:
-                break
-            size = batch_size_fn(batch)
-            if num_samples is not None and seen + size > num_samples:
-                batch = _truncate(batch, num_samples - seen)
-                size = num_samples - seen
-            if config.needs_gradients:
-                assert loss_fn is not None
-                # Lightning evaluates under inference_mode, which enable_grad alone does not lift; tensors
-                # made inside it (the batch) cannot join autograd, so they are cloned out of it.
-                with torch.inference_mode(False), torch.enable_grad():
-                    loss = loss_fn(model, _clone_inference(batch))
-                    acts, collector.activations = collector.activations, []
-                    if acts:
-                        torch.autograd.grad(loss, acts, allow_unused=True)
-            else:
-                with torch.no_grad():
-                    forward_fn(model, batch)
-            collector.activations = []
-            if needs_greedy:
-                used.append(batch)
-            seen += size
-            if progress is not None:
-                progress(size)
-    finally:
-        collector.remove()
-    stats_seconds = time.perf_counter() - t0
-    if seen == 0:
+
+def _reduce(collected: Collected, reducer: Reducer | None) -> dict[str, ChannelStats]:
+    """Stage 2: statistics combined over ranks; every layer must have been reached."""
+    if collected.samples == 0:
         raise ValueError("Expected calibration data with at least one sample, got an empty set of batches")
-
-    t1 = time.perf_counter()
-    for obs in collector.observers.values():
+    for obs in collected.observers.values():
         if reducer is not None:
             obs.reduce_(reducer)
-    unreached = [name for name, obs in collector.observers.items() if obs.count == 0]
+    unreached = [name for name, obs in collected.observers.items() if obs.count == 0]
     if unreached:
         raise ValueError(
             f"Layers {unreached} were never reached by the forward pass during calibration, so they cannot be "
             f"calibrated; leave them out with exclude={[f'^{re.escape(n)}$' for n in unreached]}"
         )
-    stats = {name: obs.compute() for name, obs in collector.observers.items()}
-    order = collector.order + [n for n in quantizers if n not in collector.order]
-    _freeze_scales(quantizers, stats, config, important_bits=False)
-
-    if config.method == "dqa" and config.ratio > 0:
-        scores = _rank(model, quantizers, stats, order, config, used, forward_fn, objective_fn)
-        for name, q in quantizers.items():
-            if not q.passthrough:
-                q.important.copy_(important_mask(scores[name], config.ratio).to(q.important.device))
-        _freeze_scales(quantizers, stats, config, important_bits=True)
-    if config.method == "noisyquant":
-        from lightning_dqa.noisyquant import search_noisyquant
-
-        points = {p.name: p for p in find_quant_points(model, config)}
-        for name, q in quantizers.items():
-            inputs = torch.cat(collector.kept[name]) if collector.kept[name] else None
-            if inputs is not None and not q.passthrough:
-                search_noisyquant(points[name], q, inputs, config)
-
-    for name, q in quantizers.items():
-        _count_errors(q, stats[name])
-        q.calibrated.fill_(True)
-        if broadcast is not None:
-            for buf in q.buffers():
-                buf.copy_(broadcast(buf))
-            if isinstance(q.scale, nn.Parameter):
-                with torch.no_grad():
-                    q.scale.copy_(broadcast(q.scale.detach()))
-    set_quantizers_enabled(model, True)
-    model.train(was_training)
-    rank_seconds = time.perf_counter() - t1
-    layers = [_layer_report(name, quantizers[name], stats[name]) for name in order]
-    return CalibrationReport(seen, stats_seconds, rank_seconds, order, layers, stats)
+    return {name: obs.compute() for name, obs in collected.observers.items()}
 
 
-def _clone_inference(batch: Batch) -> Batch:
-    """The batch with every inference-mode tensor replaced by an ordinary copy."""
-    if isinstance(batch, Tensor):
-        return batch.clone() if batch.is_inference() else batch
-    if isinstance(batch, dict):
-        return {k: _clone_inference(v) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_clone_inference(v) for v in batch)
-    return batch
-
-
-def _truncate(batch: Batch, n: int) -> Batch:
-    """The first ``n`` samples of a batch (tensors, tuples, lists and dicts of them)."""
-    if isinstance(batch, Tensor):
-        return batch[:n]
-    if isinstance(batch, dict):
-        return {k: _truncate(v, n) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_truncate(v, n) for v in batch)
-    return batch
-
-
-def _freeze_scales(
-    quantizers: dict[str, ActivationQuantizer], stats: dict[str, ChannelStats], config: DQAConfig, important_bits: bool
+def freeze_scales(
+    quantizers: Quantizers, stats: dict[str, ChannelStats], config: DQAConfig, important_bits: bool
 ) -> None:
-    """Resolve code signedness and (static modes) set clipped per-channel scales.
+    """Stage 3: resolve code signedness and (static modes) set clipped per-channel scales.
 
     With ``important_bits`` the clip of each important channel is searched at ``n + m`` bits, the width it is
     quantized at; otherwise every channel is clipped for ``n`` bits (what the ranking runs with).
@@ -369,27 +255,31 @@ def _freeze_scales(
         q.set_static_scale(scale_from_max(max_abs, q.n, signed))
 
 
-def _rank(
-    model: nn.Module,
-    quantizers: dict[str, ActivationQuantizer],
-    stats: dict[str, ChannelStats],
-    order: list[str],
-    config: DQAConfig,
-    used: list[Batch],
-    forward_fn: ForwardFn,
-    objective_fn: ObjectiveFn | None,
-) -> dict[str, Tensor]:
-    """Scores ``(C,)`` per layer from the configured ranking."""
-    if config.ranking == "greedy":
-        from lightning_dqa.greedy import greedy_rank
+def select_channels(
+    quantizers: Quantizers, stats: dict[str, ChannelStats], config: DQAConfig, inputs: RankInputs
+) -> None:
+    """Stage 4: rank every layer's channels, mark the top ``ratio`` important, re-clip them at ``n + m`` bits."""
+    scores = RANKINGS[config.ranking].rank(inputs)
+    for name, q in quantizers.items():
+        if not q.passthrough:
+            q.important.copy_(important_mask(scores[name], config.ratio).to(q.important.device))
+    freeze_scales(quantizers, stats, config, important_bits=True)
 
-        assert objective_fn is not None
-        return greedy_rank(model, quantizers, order, used, forward_fn, objective_fn)
-    out = {}
-    for i, name in enumerate(order):
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
-        out[name] = rank_channels(config.ranking, stats[name], gen, layer=name)
-    return out
+
+def _finish(
+    quantizers: Quantizers, stats: dict[str, ChannelStats], broadcast: Callable[[Tensor], Tensor] | None
+) -> None:
+    """Stage 6: the code book's histogram, ``calibrated`` set, and rank 0's state on every rank."""
+    for name, q in quantizers.items():
+        _count_errors(q, stats[name])
+        q.calibrated.fill_(True)
+        if broadcast is None:
+            continue
+        for buf in q.buffers():
+            buf.copy_(broadcast(buf))
+        if isinstance(q.scale, nn.Parameter):
+            with torch.no_grad():
+                q.scale.copy_(broadcast(q.scale.detach()))
 
 
 @torch.no_grad()

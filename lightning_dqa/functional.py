@@ -24,10 +24,12 @@ from torch import Tensor
 __all__ = [
     "channel_absmax",
     "channel_view",
+    "code_bounds",
     "dequantize",
     "dqa_dequantize",
     "dqa_quantize",
     "fake_quantize",
+    "important_codes",
     "mixed_fake_quantize",
     "quant_range",
     "quantize",
@@ -47,6 +49,18 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
+
+
+def code_bounds(bits: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """Per-channel code range ``(qmin, qmax)`` as float tensors, for per-channel widths ``bits`` ``(C,)``.
+
+    >>> code_bounds(torch.tensor([3, 6]), signed=True)
+    (tensor([ -4., -32.]), tensor([ 3., 31.]))
+    """
+    exp = (bits - int(signed)).float()  # [-2**(b-1), 2**(b-1) - 1] signed, [0, 2**b - 1] unsigned
+    qmax = torch.pow(2.0, exp) - 1
+    qmin = -torch.pow(2.0, exp) if signed else torch.zeros_like(qmax)
+    return qmin, qmax
 
 
 def channel_view(t: Tensor, ndim: int, channel_dim: int = 1) -> Tensor:
@@ -268,17 +282,51 @@ def dqa_quantize(
     """
     scale_n = scale_from_max(max_abs, bits, signed)
     main = quantize(x, scale_n, bits, signed, channel_dim)
-    idx = torch.nonzero(important, as_tuple=False).flatten()
+    idx, q_imp, err = important_codes(x, scale_n, important, bits, extra_bits, signed, channel_dim)
+    if idx.numel():
+        main = main.index_copy(channel_dim, idx, q_imp)
+    return main, err, scale_n
+
+
+def important_codes(
+    x: Tensor,
+    scale_n: Tensor,
+    important: Tensor,
+    bits: int,
+    extra_bits: int,
+    signed: bool,
+    channel_dim: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The DQA codes of the important channels only: quantize at ``n + m`` bits with ``scale_n / 2**m``, split.
+
+    This is the one implementation of "important channels at ``n + m`` bits, keep the low ``m`` bits": the
+    full codes (:func:`dqa_quantize`), the memory meter and the byte codec all call it.
+
+    Args:
+        x: activations, channels on ``channel_dim``.
+        scale_n: ``(C,)`` ``n``-bit scales.
+        important: ``(C,)`` bool mask.
+        bits: ``n``.
+        extra_bits: ``m``.
+        signed: signed or unsigned codes.
+        channel_dim: the channel axis.
+
+    Returns:
+        ``(idx, main, error)``: ``idx`` the ``(K,)`` important channel indices; ``main`` and ``error`` int32
+        shaped like ``x`` with the channel axis cut to ``K`` (``n``-bit main codes and shifting errors).
+
+    """
+    idx = torch.nonzero(important.to(x.device), as_tuple=False).flatten()
     if idx.numel() == 0:
         empty_shape = list(x.shape)
         empty_shape[channel_dim] = 0
-        return main, torch.zeros(empty_shape, dtype=torch.int32, device=x.device), scale_n
+        empty = torch.zeros(empty_shape, dtype=torch.int32, device=x.device)
+        return idx, empty, empty
     x_imp = x.index_select(channel_dim, idx)
     scale_hi = scale_n.index_select(0, idx) / 2**extra_bits  # == max / 2**(n+m-1), exactly
     codes_hi = quantize(x_imp, scale_hi, bits + extra_bits, signed, channel_dim)
     q_imp, err = shift_split(codes_hi, extra_bits)
-    main = main.index_copy(channel_dim, idx, q_imp)
-    return main, err, scale_n
+    return idx, q_imp, err
 
 
 def dqa_dequantize(

@@ -68,12 +68,10 @@ class MemoryMeter:
         # Main codes cost n bits each whatever their values: only the important channels are quantized here,
         # at n + m bits, for the histogram of their shifting errors.
         scale_n = q.current_scale(x).detach()
-        idx = torch.nonzero(q.important).flatten()
         hist = None
-        if idx.numel():
-            cd = q.channel_dim
-            codes = F.quantize(x.detach().index_select(cd, idx), scale_n[idx] / 2**q.m, q.n + q.m, bool(q.signed), cd)
-            hist = torch.bincount((codes & (2**q.m - 1)).flatten(), minlength=2**q.m).cpu()
+        if bool(q.important.any()):
+            _, _, err = F.important_codes(x.detach(), scale_n, q.important, q.n, q.m, bool(q.signed), q.channel_dim)
+            hist = torch.bincount(err.flatten(), minlength=2**q.m).cpu()
         scales: Literal["dynamic", "static"] = "dynamic" if q.scale_mode == "dynamic" else "static"
         counts = histogram_bits(x.numel(), samples, q.n, q.num_channels, hist, self._books[name], scales)
         self.ledger.update_bits(name, counts)

@@ -1,8 +1,9 @@
-"""Channel ranking criteria and the selection of important channels.
+"""Channel rankings, registered by name, and the selection of important channels.
 
-A one-pass criterion maps a layer's calibration statistics to a ``(C,)`` score, higher meaning more
-important. They are registered by name in :data:`RANKINGS`; ``greedy`` (the paper's search) needs the model
-and the data, so it lives in :mod:`lightning_dqa.greedy` and is only named here.
+Every ranking maps what calibration gathered (:class:`RankInputs`) to a ``(C,)`` score per layer, higher
+meaning more important. One-pass criteria read only a layer's statistics; ``greedy`` (the paper's search,
+:mod:`lightning_dqa.greedy`) also runs the model on the calibration batches. Each :class:`Ranking` says what it
+needs, so the engine keeps batches or runs a backward pass only when the chosen ranking asks for it.
 
 ================  ====================================================================================
 name              score of channel ``c``
@@ -12,58 +13,140 @@ name              score of channel ``c``
 ``energy``        ``sum a_c**2``
 ``max``           ``max |a_c|``: the channels a shared quantization grid serves worst
 ``random``        a seeded random permutation (the ablation baseline)
-``greedy``        the paper's search: accuracy with the channel left in full precision (see ``greedy.py``)
+``greedy``        the paper's search: the objective with the channel left in full precision
 ================  ====================================================================================
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_dqa.observers import ChannelStats
 
-__all__ = ["GRADIENT_RANKINGS", "RANKINGS", "important_mask", "rank_channels"]
+if TYPE_CHECKING:
+    from lightning_dqa.quantizers import ActivationQuantizer
+
+__all__ = [
+    "GRADIENT_RANKINGS",
+    "RANKINGS",
+    "RankInputs",
+    "Ranking",
+    "important_mask",
+    "rank_channels",
+]
+
+LayerScore = Callable[[ChannelStats, torch.Generator], Tensor]
 
 
-def _fisher(stats: ChannelStats, generator: torch.Generator) -> Tensor:
-    return stats.grad_sq.float()
+@dataclass
+class RankInputs:
+    """What a ranking may read: statistics always; the model and data for search-based rankings.
+
+    Attributes:
+        stats: reduced statistics per layer.
+        order: target layers in forward order.
+        seed: seed of random rankings (layer ``i`` draws from ``seed * 1_000_003 + i``).
+        model: the model, quantizers installed (search-based rankings only).
+        quantizers: the installed quantizers by layer name.
+        batches: the calibration batches (kept only when the ranking says ``needs_batches``).
+        forward_fn: ``forward_fn(model, batch)`` runs the model.
+        objective_fn: ``objective_fn(output, batch)``, the summed score of a batch (higher is better).
+        progress: ``progress(done, total)`` in candidate channels, for long searches.
+
+    """
+
+    stats: dict[str, ChannelStats]
+    order: list[str]
+    seed: int = 0
+    model: nn.Module | None = None
+    quantizers: dict[str, ActivationQuantizer] | None = None
+    batches: Sequence[Any] = ()
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+    objective_fn: Callable[[Any, Any], Any] | None = None
+    progress: Callable[[int, int], None] | None = None
 
 
-def _saliency(stats: ChannelStats, generator: torch.Generator) -> Tensor:
-    return stats.saliency.float()
+@dataclass(frozen=True)
+class Ranking:
+    """One ranking criterion: ``rank(inputs)`` gives ``{layer: (C,) scores}`` on the CPU.
+
+    Attributes:
+        rank: the criterion over all layers.
+        layer_score: for one-pass criteria, the score of one layer from its statistics (``None`` for searches).
+        needs_gradients: calibration must run a backward pass (activation gradients).
+        needs_batches: calibration must keep its batches and pass the model (searches).
+
+    """
+
+    rank: Callable[[RankInputs], dict[str, Tensor]]
+    layer_score: LayerScore | None = None
+    needs_gradients: bool = False
+    needs_batches: bool = False
 
 
-def _energy(stats: ChannelStats, generator: torch.Generator) -> Tensor:
-    return stats.energy.float()
+def _one_pass(name: str, score: LayerScore, needs_gradients: bool = False) -> Ranking:
+    """The :class:`Ranking` ``name`` that scores every layer on its own from its statistics."""
+
+    def rank(inputs: RankInputs) -> dict[str, Tensor]:
+        out = {}
+        for i, layer in enumerate(inputs.order):
+            gen = torch.Generator().manual_seed(inputs.seed * 1_000_003 + i)
+            out[layer] = _checked_score(name, score, needs_gradients, inputs.stats[layer], gen, layer)
+        return out
+
+    return Ranking(rank=rank, layer_score=score, needs_gradients=needs_gradients)
 
 
-def _max(stats: ChannelStats, generator: torch.Generator) -> Tensor:
-    return stats.max_abs.float()
+def _checked_score(
+    name: str, score: LayerScore, needs_gradients: bool, stats: ChannelStats, generator: torch.Generator, layer: str
+) -> Tensor:
+    if needs_gradients and not stats.grad_seen:
+        raise ValueError(
+            f"Layer {layer!r}: ranking {name!r} needs activation gradients, but none reached this layer during "
+            f"calibration (is the loss connected to it?)"
+        )
+    return score(stats, generator).detach().float().cpu()
 
 
-def _random(stats: ChannelStats, generator: torch.Generator) -> Tensor:
-    return torch.rand(stats.max_abs.numel(), generator=generator)
+def _greedy(inputs: RankInputs) -> dict[str, Tensor]:
+    from lightning_dqa.greedy import greedy_rank  # the search and its fx machinery load only when used
+
+    if inputs.model is None or inputs.quantizers is None or inputs.forward_fn is None:
+        raise ValueError("Ranking 'greedy' needs the model, its quantizers and forward_fn")
+    if inputs.objective_fn is None:
+        raise ValueError("Ranking 'greedy' needs objective_fn(output, batch) to score candidates")
+    return greedy_rank(
+        inputs.model,
+        inputs.quantizers,
+        inputs.order,
+        list(inputs.batches),
+        inputs.forward_fn,
+        inputs.objective_fn,
+        progress=inputs.progress,
+    )
 
 
-RANKINGS: dict[str, Callable[[ChannelStats, torch.Generator], Tensor] | None] = {
-    "fisher": _fisher,
-    "saliency": _saliency,
-    "energy": _energy,
-    "max": _max,
-    "random": _random,
-    "greedy": None,  # needs the model and data: lightning_dqa.greedy.greedy_rank
+RANKINGS: dict[str, Ranking] = {
+    "fisher": _one_pass("fisher", lambda st, g: st.grad_sq, needs_gradients=True),
+    "saliency": _one_pass("saliency", lambda st, g: st.saliency, needs_gradients=True),
+    "energy": _one_pass("energy", lambda st, g: st.energy),
+    "max": _one_pass("max", lambda st, g: st.max_abs),
+    "random": _one_pass("random", lambda st, g: torch.rand(st.max_abs.numel(), generator=g)),
+    "greedy": Ranking(rank=_greedy, needs_batches=True),
 }
-GRADIENT_RANKINGS: frozenset[str] = frozenset({"fisher", "saliency"})
+GRADIENT_RANKINGS: frozenset[str] = frozenset(name for name, r in RANKINGS.items() if r.needs_gradients)
 
 
 def rank_channels(name: str, stats: ChannelStats, generator: torch.Generator, layer: str = "") -> Tensor:
     """Score every channel of one layer with the one-pass criterion ``name``.
 
     Args:
-        name: a key of :data:`RANKINGS` other than ``greedy``.
+        name: a key of :data:`RANKINGS` whose entry is a one-pass criterion (not ``greedy``).
         stats: the layer's calibration statistics.
         generator: source of randomness (``random`` only), seeded by the caller for reproducibility.
         layer: layer name for error messages.
@@ -72,19 +155,14 @@ def rank_channels(name: str, stats: ChannelStats, generator: torch.Generator, la
         ``(C,)`` float scores on the CPU, higher is more important.
 
     Raises:
-        ValueError: for an unknown name, for ``greedy``, or when a gradient ranking saw no gradient.
+        ValueError: for an unknown name, a search-based ranking, or a gradient ranking that saw no gradient.
 
     """
-    fn = RANKINGS.get(name)
-    if fn is None:
-        known = sorted(k for k, v in RANKINGS.items() if v is not None)
+    ranking = RANKINGS.get(name)
+    if ranking is None or ranking.layer_score is None:
+        known = sorted(k for k, v in RANKINGS.items() if v.layer_score is not None)
         raise ValueError(f"Expected a one-pass ranking in {known}, got {name!r}")
-    if name in GRADIENT_RANKINGS and not stats.grad_seen:
-        raise ValueError(
-            f"Layer {layer!r}: ranking {name!r} needs activation gradients, but none reached this layer "
-            f"during calibration (is the loss connected to it?)"
-        )
-    return fn(stats, generator).detach().cpu()
+    return _checked_score(name, ranking.layer_score, ranking.needs_gradients, stats, generator, layer)
 
 
 def important_mask(scores: Tensor, ratio: float) -> Tensor:

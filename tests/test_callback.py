@@ -160,8 +160,14 @@ def test_full_precision_checkpoint_is_calibrated_afresh(tmp_path):
     trainer.fit(model, datamodule=TinyData())
     ckpt = trainer.checkpoint_callback.best_model_path
     cb = DQACallback(bits=4, calibration_samples=64)
-    quiet_trainer(callbacks=[cb]).validate(TinyNet(), datamodule=TinyData(), ckpt_path=ckpt)
-    assert cb.report is not None
+    restored = TinyNet()
+    quiet_trainer(callbacks=[cb]).validate(restored, datamodule=TinyData(), ckpt_path=ckpt)
+    assert cb.report is not None and cb.report.samples == 64
+    # the checkpoint's FP32 weights were loaded (not the fresh initialisation), then calibrated
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    mine = restored.state_dict()
+    assert saved and all(torch.equal(mine[k], v) for k, v in saved.items())
+    assert all(bool(q.calibrated) and q.enabled for q in quantizers_of(restored).values())
 
 
 def test_checkpoint_with_other_layout_names_the_layer(tmp_path):
@@ -255,3 +261,46 @@ def test_model_without_quantizable_layers_is_an_error():
 
     with pytest.raises(ValueError, match="at least one quantizable layer"):
         quiet_trainer(callbacks=[DQACallback()]).validate(NoConv(), datamodule=TinyData())
+
+
+def test_callback_defaults_equal_dqaconfig_defaults():
+    """The callback re-declares DQAConfig's fields (flat, LightningCLI-friendly); nothing may drift apart."""
+    import dataclasses
+    import inspect
+
+    from lightning_dqa import DQAConfig
+
+    params = inspect.signature(DQACallback.__init__).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(DQAConfig)}
+    assert set(fields) <= set(params)
+    for name, default in fields.items():
+        assert params[name].default == default, name
+    assert DQACallback().config == DQAConfig()
+
+
+@pytest.mark.parametrize("name", ["include", "exclude", "layer_types"])
+def test_a_string_where_a_list_is_expected_is_refused(name):
+    with pytest.raises(ValueError, match=rf"Expected {name} to be a list of strings, got 'conv'"):
+        DQACallback(**{name: "conv"})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "parts"),
+    [
+        (dict(ignore_index=1.5), ["ignore_index", "int", "1.5"]),
+        (dict(ignore_index=True), ["ignore_index", "True"]),
+        (dict(measure_memory="yes"), ["measure_memory", "bool", "'yes'"]),
+        (dict(verbose=1), ["verbose", "bool", "1"]),
+        (dict(export_path=""), ["export_path", "''"]),
+        (dict(export_path=3), ["export_path", "3"]),
+        (dict(seed=1.0), ["seed", "int", "1.0"]),
+        (dict(calibration_samples=0), ["calibration_samples", "positive", "0"]),
+        (dict(bits=8, extra_bits=9), ["bits + extra_bits", "17"]),
+        (dict(first_layer_bits=8, extra_bits=9, bits=3), ["first_layer_bits + extra_bits", "17"]),
+    ],
+)
+def test_invalid_arguments_are_named(kwargs, parts):
+    with pytest.raises(ValueError) as info:
+        DQACallback(**kwargs)
+    for part in parts:
+        assert part in str(info.value)
