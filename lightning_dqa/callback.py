@@ -15,10 +15,10 @@ The callback is thin orchestration over :mod:`lightning_dqa.engine`:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -27,48 +27,19 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.distributed import ReduceOp
 
 from lightning_dqa.attach import quantizers_of
+from lightning_dqa.callback_data import check_lifecycle_args, find_calibration_loader, primary_output, split_batch
 from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_quantizer_layout
 from lightning_dqa.config import DQAConfig
-from lightning_dqa.engine import CalibrationReport, calibrate, default_batch_size, prepare, set_quantizers_enabled
+from lightning_dqa.distributed import rank_shard, strategy_broadcast, strategy_reducer
+from lightning_dqa.engine import CalibrationReport, calibrate, prepare, set_quantizers_enabled
 from lightning_dqa.meter import MemoryMeter
+from lightning_dqa.progress import CalibrationProgress
 
 __all__ = ["DQACallback"]
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
-
-
-def _check_lifecycle_args(
-    calibration_samples: Any,
-    calibration_source: Any,
-    delay_steps: Any,
-    greedy_objective: Any,
-    ignore_index: Any,
-    flags: dict[str, Any],
-    export_path: Any,
-) -> None:
-    """Validate the callback's own (non-quantization) arguments; each error names argument, rule and value."""
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not is_int(calibration_samples) or calibration_samples < 1:
-        raise ValueError(f"Expected calibration_samples to be a positive int, got {calibration_samples!r}")
-    if calibration_source not in ("train", "val"):
-        raise ValueError(f"Expected calibration_source to be 'train' or 'val', got {calibration_source!r}")
-    if not is_int(delay_steps) or delay_steps < 0:
-        raise ValueError(f"Expected delay_steps to be a non-negative int, got {delay_steps!r}")
-    if greedy_objective not in ("accuracy", "loss"):
-        raise ValueError(f"Expected greedy_objective to be 'accuracy' or 'loss', got {greedy_objective!r}")
-    if not is_int(ignore_index):
-        raise ValueError(f"Expected ignore_index to be an int (a target value to ignore), got {ignore_index!r}")
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"Expected {name} to be a bool, got {value!r}")
-    if export_path is not None and (not isinstance(export_path, str | os.PathLike) or not str(export_path)):
-        raise ValueError(f"Expected export_path to be a non-empty path string or None, got {export_path!r}")
 
 
 class DQACallback(Callback):
@@ -132,25 +103,9 @@ class DQACallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        self.config = DQAConfig(
-            bits=bits,
-            extra_bits=extra_bits,
-            ratio=ratio,
-            method=method,
-            ranking=ranking,
-            scale_mode=scale_mode,
-            code=code,
-            clipping=clipping,
-            percentile=percentile,
-            where=where,
-            layer_types=layer_types,
-            include=include,
-            exclude=exclude,
-            first_layer_bits=first_layer_bits,
-            last_layer_bits=last_layer_bits,
-            seed=seed,
-        )
-        _check_lifecycle_args(
+        args = locals()
+        self.config = DQAConfig(**{f.name: args[f.name] for f in dataclasses.fields(DQAConfig)})
+        check_lifecycle_args(
             calibration_samples=calibration_samples,
             calibration_source=calibration_source,
             delay_steps=delay_steps,
@@ -232,8 +187,12 @@ class DQACallback(Callback):
             rank_zero_info("DQACallback: the checkpoint is full precision; its quantizers will be calibrated")
         pl_module.strict_loading = self._user_strict
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Calibrate for quantization-aware fine-tuning (unless resumed or delayed)."""
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate for quantization-aware fine-tuning (unless resumed or delayed).
+
+        This is the first hook after the Trainer loaded the training data, so loaders passed straight to
+        ``fit`` can serve calibration; the sanity check before it runs in full precision.
+        """
         if self.delay_steps == 0:
             self._ensure_calibrated(trainer, pl_module)
         self._sync_enabled(trainer, pl_module)
@@ -253,6 +212,22 @@ class DQACallback(Callback):
         else:
             self._start_evaluation(trainer, pl_module, "val")
         self._reset_meter()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Predict with the quantized model; refuse to predict silently in full precision.
+
+        Raises:
+            RuntimeError: when the quantizers were never calibrated (no validate/test/fit ran with this
+                callback and no calibrated checkpoint was loaded).
+
+        """
+        if not self._calibrated(pl_module):
+            raise RuntimeError(
+                "DQACallback: trainer.predict found no calibrated quantizers, so it would predict in full "
+                "precision; run trainer.validate(...) or trainer.test(...) with the callback first, or load a "
+                "calibrated checkpoint (ckpt_path=...)"
+            )
+        set_quantizers_enabled(pl_module, True)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Post-training quantization for ``test``."""
@@ -274,67 +249,43 @@ class DQACallback(Callback):
 
     # ------------------------------------------------------------------ extension points
     def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
-        """``(inputs, targets)`` of a batch: ``(x, y, ...)`` sequences or dicts with common key names."""
-        if isinstance(batch, list | tuple):
-            return batch[0], (batch[1] if len(batch) > 1 else None)
-        if isinstance(batch, dict):
-            x = next((batch[k] for k in ("x", "input", "inputs", "image", "images") if k in batch), None)
-            y = next((batch[k] for k in ("y", "target", "targets", "label", "labels", "mask") if k in batch), None)
-            if x is not None:
-                return x, y
-        if isinstance(batch, Tensor):
-            return batch, None
-        raise TypeError(
-            f"DQACallback cannot split a batch of type {type(batch).__name__} into inputs and targets; "
-            f"override DQACallback.split_batch"
-        )
+        """``(inputs, targets)`` of a batch; see :func:`lightning_dqa.callback_data.split_batch` for the rules."""
+        return split_batch(batch)
 
     def calibration_loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         """Loss whose activation gradients drive the ``fisher`` / ``saliency`` rankings (cross-entropy)."""
         x, y = self.split_batch(batch)
         if y is None:
             raise ValueError(f"Ranking {self.config.ranking!r} needs targets, but the calibration batches have none")
-        return F.cross_entropy(pl_module(x), y, ignore_index=self.ignore_index)
+        return F.cross_entropy(primary_output(pl_module(x)), y, ignore_index=self.ignore_index)
 
     def calibration_objective(self, output: Tensor, batch: Any) -> Tensor:
         """Summed score of one batch for the greedy search (higher is better)."""
         _, y = self.split_batch(batch)
         if y is None:
             raise ValueError("Ranking 'greedy' needs targets, but the calibration batches have none")
+        output = primary_output(output)
         if self.greedy_objective == "loss":
             return -F.cross_entropy(output, y, ignore_index=self.ignore_index, reduction="sum")
         valid = y != self.ignore_index
         return ((output.argmax(dim=1) == y) & valid).sum()
 
     def calibration_dataloader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Any]:
-        """Where calibration samples come from (see ``calibration_source``)."""
-        sources = [s for s in (getattr(trainer, "datamodule", None), pl_module) if s is not None]
+        """Where calibration samples come from (see ``calibration_source``).
+
+        With ``calibration_source="train"`` a ``calibration_dataloader(num_samples, seed)`` method of the datamodule
+        or module wins (e.g. a seeded subset of training images with evaluation transforms); then
+        :func:`lightning_dqa.callback_data.find_calibration_loader` looks in the usual places.
+        """
+        special = []
         if self.calibration_source == "train":
-            for source in sources:
-                fn = getattr(source, "calibration_dataloader", None)
-                if callable(fn):
-                    # calibration_dataloader(num_samples, seed) when it takes them (a seeded random subset, e.g.
-                    # CIFAR10DataModule's, with evaluation transforms), else calibration_dataloader()
-                    takes = len(inspect.signature(fn).parameters)
-                    return fn(*(self.calibration_samples, self.config.seed)[:takes])
-            attempts = [getattr(s, "train_dataloader", None) for s in sources]
-        else:
-            attempts = [getattr(s, "val_dataloader", None) for s in sources]
-        for fn in attempts:
-            if callable(fn):
-                try:
-                    loader = fn()
-                except (NotImplementedError, AttributeError, TypeError):
-                    continue
-                if loader is not None:
-                    return loader
-        if self.calibration_source == "val" and trainer.val_dataloaders is not None:
-            return trainer.val_dataloaders
-        raise ValueError(
-            f"DQACallback found no {self.calibration_source} dataloader for calibration_source="
-            f"{self.calibration_source!r}: pass a datamodule with {self.calibration_source}_dataloader() or set "
-            f"calibration_source to the other one"
-        )
+            for holder in (getattr(trainer, "datamodule", None), pl_module):
+                fn = getattr(holder, "calibration_dataloader", None)
+                if holder is not None and callable(fn):
+                    takes = len(inspect.signature(fn).parameters)  # (num_samples, seed), fewer, or none
+                    special.append(fn(*(self.calibration_samples, self.config.seed)[:takes]))
+                    break
+        return find_calibration_loader(trainer, pl_module, self.calibration_source, special)
 
     # ------------------------------------------------------------------ internals
     def _calibrated(self, pl_module: pl.LightningModule) -> bool:
@@ -356,41 +307,37 @@ class DQACallback(Callback):
         if self._calibrated(pl_module):
             return
         loader = self.calibration_dataloader(trainer, pl_module)
-        world, rank = trainer.world_size, trainer.global_rank
+        world, rank, strategy = trainer.world_size, trainer.global_rank, trainer.strategy
         per_rank = math.ceil(self.calibration_samples / world)
-        bar = self._progress_bar(trainer, per_rank)
-        strategy = trainer.strategy
+        bars = [CalibrationProgress(trainer, per_rank, "DQA calibration")]
 
-        def forward(model: torch.nn.Module, batch: Any) -> Tensor:
-            return model(self.split_batch(batch)[0])
-
-        def reducer(t: Tensor, op: str) -> Tensor:
-            if op == "cat":
-                gathered = strategy.all_gather(t)
-                return gathered if world == 1 else torch.cat(list(gathered.unbind(0)), dim=-1)
-            if world == 1:
-                return t
-            red = {"sum": ReduceOp.SUM, "max": ReduceOp.MAX, "min": ReduceOp.MIN}[op]
-            return strategy.reduce(t.clone(), reduce_op=red)  # type: ignore[arg-type]  # ReduceOp members
+        def rank_progress(done: int, total: int) -> None:
+            if len(bars) == 1:
+                bars.append(CalibrationProgress(trainer, total, "DQA channel ranking", unit="channel"))
+            bars[-1].set_total(done, total)
 
         try:
             self.report = calibrate(
                 pl_module,
                 self.config,
-                self._rank_shard(loader, strategy, world, rank),
-                forward_fn=forward,
+                rank_shard(loader, strategy, world, rank),
+                forward_fn=lambda model, batch: primary_output(model(self.split_batch(batch)[0])),
                 loss_fn=self.calibration_loss,
                 objective_fn=self.calibration_objective,
                 num_samples=per_rank,
-                batch_size_fn=default_batch_size,
-                reducer=reducer,
-                broadcast=(lambda t: strategy.broadcast(t, src=0)) if world > 1 else None,
-                progress=bar.update if bar is not None else None,
+                reducer=strategy_reducer(strategy, world),
+                broadcast=strategy_broadcast(strategy, world),
+                progress=bars[0].update,
+                rank_progress=rank_progress,
             )
         finally:
-            if bar is not None:
+            for bar in bars:
                 bar.close()
-        samples = self.report.samples * world
+        self._after_calibration(trainer, pl_module, self.report.samples * world)
+
+    def _after_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: int) -> None:
+        """Log the sample count, print the summary, build the meter's code books, write the artifact."""
+        assert self.report is not None
         for logger in trainer.loggers:  # self.log is not allowed in on_fit_start / on_*_start hooks
             logger.log_metrics({"dqa/calibration_samples": float(samples)}, step=trainer.global_step)
         if self.verbose:
@@ -406,19 +353,6 @@ class DQACallback(Callback):
             from lightning_dqa.export import export_artifact
 
             export_artifact(pl_module, self.export_path, self.config)
-
-    def _rank_shard(self, loader: Iterable[Any], strategy: Any, world: int, rank: int) -> Iterator[Any]:
-        """This rank's batches (every ``world``-th one) moved to the device."""
-        for i, batch in enumerate(loader):
-            if i % world == rank:
-                yield strategy.batch_to_device(batch)
-
-    def _progress_bar(self, trainer: pl.Trainer, total: int) -> Any:
-        if trainer.progress_bar_callback is None or not trainer.is_global_zero:
-            return None
-        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-
-        return Tqdm(total=total, desc="DQA calibration", unit="sample", dynamic_ncols=True, leave=True)
 
     @torch.no_grad()
     def _evaluate_fp32(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -436,7 +370,7 @@ class DQACallback(Callback):
             x, y = self.split_batch(batch)
             if y is None:
                 return
-            pred = pl_module(x).argmax(dim=1)
+            pred = primary_output(pl_module(x)).argmax(dim=1)
             valid = y != self.ignore_index
             correct += ((pred == y) & valid).sum()
             total += valid.sum()

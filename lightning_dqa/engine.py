@@ -135,6 +135,7 @@ def calibrate(
     reducer: Reducer | None = None,
     broadcast: Callable[[Tensor], Tensor] | None = None,
     progress: Progress | None = None,
+    rank_progress: Callable[[int, int], None] | None = None,
 ) -> CalibrationReport:
     """Collect statistics, rank channels, freeze scales and selection, and switch the quantizers on.
 
@@ -155,6 +156,7 @@ def calibrate(
         reducer: combines statistics over distributed ranks (the Lightning strategy's reduce).
         broadcast: copies rank 0's final quantizer state to every rank.
         progress: called after each batch with its number of samples.
+        rank_progress: ``rank_progress(done, total)`` during a search-based ranking (greedy), in candidates.
 
     Returns:
         A :class:`CalibrationReport`.
@@ -182,7 +184,7 @@ def calibrate(
             freeze_scales(quantizers, stats, config, important_bits=False)
             if config.selects_channels:
                 inputs = RankInputs(stats, order, config.seed, model, quantizers, collected.batches, forward_fn)
-                inputs.objective_fn = objective_fn
+                inputs.objective_fn, inputs.progress = objective_fn, rank_progress
                 select_channels(quantizers, stats, config, inputs)
             if method.step is not None:
                 method.step(MethodContext(model, config, quantizers, collected.inputs))
