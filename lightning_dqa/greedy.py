@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from lightning_dqa.attach import QUANTIZER_ATTR, _output_hook
+from lightning_dqa.attach import QUANTIZER_ATTR, output_hook
 from lightning_dqa.quantizers import ActivationQuantizer
 
 __all__ = ["DEFAULT_PASS_BYTES", "greedy_rank"]
@@ -480,7 +480,7 @@ class _GraphSearch:
             return None
         layer = starts[0].target
         raw = None
-        if len(starts) == 1 and _output_hook in self.gm.get_submodule(str(layer))._forward_hooks.values():
+        if len(starts) == 1 and output_hook in self.gm.get_submodule(str(layer))._forward_hooks.values():
             raw = starts[0]  # quantizing the output: the layer's computation itself does not change
             down.discard(raw)
         downstream = [n for n in self.nodes if n in down]
