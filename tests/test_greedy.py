@@ -12,8 +12,10 @@ from torch import Tensor, nn
 from lightning_dqa import DQAConfig, paper_config
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
-from lightning_dqa.greedy import _candidate_groups, _LeafTracer, _quantize_replicas, greedy_rank
+from lightning_dqa.fxreplay import _LeafTracer
+from lightning_dqa.greedy import _candidate_groups, greedy_rank
 from lightning_dqa.quantizers import ActivationQuantizer
+from lightning_dqa.replicas import quantize_replicas as _quantize_replicas
 from lightning_dqa.selection import important_mask
 
 
