@@ -21,7 +21,7 @@ bit differently. What the engine cannot run faithfully raises :class:`Unsupporte
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +31,7 @@ from torch import Tensor, fx, nn
 
 from lightning_dqa.attach import QUANTIZER_ATTR, output_hook
 from lightning_dqa.quantizers import ActivationQuantizer
-from lightning_dqa.replicas import quantize_replicas, repeat_rows, replica_mode
+from lightning_dqa.replicas import quantize_replicas, repeat_rows, replica_mode, split_rows
 
 __all__ = ["GraphSearch", "LayerReplay", "Unsupported", "as_unsupported"]
 
@@ -74,7 +74,23 @@ def as_unsupported(what: str) -> Iterator[None]:
 
 
 class GraphSearch:
-    """The traced model, and a :class:`LayerReplay` per layer on demand."""
+    """The traced model, and a :class:`LayerReplay` per layer on demand.
+
+    Build it with :meth:`build`, which checks that the graph can stand in for the model. The graph calls the
+    model's own submodule instances, so weights, buffers and quantizer hooks are shared, not copied.
+
+    Example:
+        >>> from lightning_dqa import DQAConfig
+        >>> from lightning_dqa.engine import prepare, set_quantizers_enabled
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+        >>> quantizers = prepare(model, DQAConfig(bits=3))
+        >>> set_quantizers_enabled(model, False)
+        >>> x = torch.randn(2, 3, 8, 8)  # (N, C, H, W)
+        >>> search = GraphSearch.build(model, quantizers, ["0", "3"], x, lambda m, b: m(b))
+        >>> [tuple(out.shape) for out in search.replay("3").outputs([0, 5, 7], lambda m, b: m(b), x)]
+        [(2, 3), (2, 3), (2, 3)]
+
+    """
 
     def __init__(self, gm: fx.GraphModule, quantizers: dict[str, ActivationQuantizer], model: nn.Module) -> None:
         self.gm = gm
@@ -153,7 +169,17 @@ class GraphSearch:
                 del env[dead]
 
     def replay(self, name: str) -> LayerReplay | None:
-        """The piecewise runner for layer ``name``'s candidates; ``None`` when the layer cannot change the output."""
+        """The piecewise runner for layer ``name``'s candidates.
+
+        Args:
+            name: a quantized layer; its quantizer is the one the candidates vary, the other quantizers keep
+                their current ``enabled`` flag and ``fp_mask``.
+
+        Returns:
+            The runner, or ``None`` when the model output does not depend on the layer (every candidate would
+            score the same).
+
+        """
         plan = self._plan(name)
         if plan is None:
             return None
@@ -190,8 +216,8 @@ class GraphSearch:
             row_bytes=max((self.row_bytes.get(n, 0) for n in downstream), default=0),
         )
 
-    def run_upstream(self, plan: _Plan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict, int]:
-        """Run the cache pass on one model call's inputs; returns the boundary values and the batch rows."""
+    def _run_upstream(self, plan: _Plan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict, int]:
+        """Run ``plan``'s upstream nodes on one model call's inputs: ``(boundary values, batch size N)``."""
         env = self._bind(args, kwargs)
         rows = _rows_of(env)
         self._run(plan.upstream, env, plan.free_up)
@@ -203,10 +229,14 @@ class GraphSearch:
         bound.apply_defaults()
         return dict(zip(self.placeholders, bound.arguments.values(), strict=True))
 
-    def run_downstream(
+    def _run_downstream(
         self, plan: _Plan, boundary: dict[fx.Node, Any], rows: int, pairs: list[tuple[ActivationQuantizer, Tensor]]
     ) -> Any:
-        """Run the downstream nodes on ``K`` replicas of the boundary; returns the model output."""
+        """Run ``plan``'s downstream nodes on ``K`` replicas of the boundary: the output for ``K * N`` rows.
+
+        ``pairs`` holds the layer's quantizer, then any other one that runs downstream, each with the ``(K, C)``
+        bool mask of the channels its replicas leave in full precision.
+        """
         k = pairs[0][1].shape[0]
         env = {n: repeat_rows(v, k, rows) if n in self.data else v for n, v in boundary.items()}
         if plan.raw is not None:
@@ -271,7 +301,11 @@ class LayerReplay(nn.Module):
             fp = other.fp_mask if other.fp_mask is not None else torch.zeros(other.num_channels, dtype=torch.bool)
             self._pairs.append((other, fp.to(other.scale.device).expand(k, -1)))  # (K, C_other)
         self._calls = 0
-        return _split_rows(forward_fn(self, batch), k)
+        output = forward_fn(self, batch)
+        try:
+            return split_rows(output, k)
+        except ValueError as err:
+            raise Unsupported(str(err)) from err
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model output for ``K`` replicas of the inputs (``K * N`` rows)."""
@@ -279,9 +313,9 @@ class LayerReplay(nn.Module):
         call = self._calls
         self._calls += 1
         if call == len(self._caches):
-            self._caches.append(search.run_upstream(plan, args, kwargs))
+            self._caches.append(search._run_upstream(plan, args, kwargs))
         boundary, rows = self._caches[call]
-        return search.run_downstream(plan, boundary, rows, self._pairs)
+        return search._run_downstream(plan, boundary, rows, self._pairs)
 
 
 @dataclass
@@ -316,22 +350,6 @@ class _LeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
-
-
-# --------------------------------------------------------------------------------------------- outputs
-def _split_rows(output: Any, k: int) -> list[Any]:
-    """Split a ``K * N``-row output (a tensor, or tuples, lists and dicts of them) into ``K`` outputs."""
-    if isinstance(output, Tensor):
-        if not output.ndim or output.shape[0] % k:
-            raise Unsupported(f"cannot split an output of shape {tuple(output.shape)} into {k} replicas")
-        return list(output.split(output.shape[0] // k))
-    if isinstance(output, dict):
-        split = {key: _split_rows(v, k) for key, v in output.items()}
-        return [{key: v[i] for key, v in split.items()} for i in range(k)]
-    if isinstance(output, list | tuple):
-        columns = [_split_rows(v, k) for v in output]
-        return [type(output)(col[i] for col in columns) for i in range(k)]
-    raise Unsupported(f"cannot split an output of type {type(output).__name__} into replicas")
 
 
 # --------------------------------------------------------------------------------------------- graph
@@ -373,23 +391,21 @@ def _rows_of(env: dict[fx.Node, Any]) -> int:
 
 def _descendants(starts: Sequence[fx.Node]) -> set[fx.Node]:
     """``starts`` and every node that depends on them."""
-    seen, stack = set(starts), list(starts)
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
+    return _closure(starts, lambda node: node.users)
 
 
 def _ancestors(starts: Sequence[fx.Node]) -> set[fx.Node]:
     """``starts`` and every node they depend on."""
+    return _closure(starts, lambda node: node.all_input_nodes)
+
+
+def _closure(starts: Sequence[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
     seen, stack = set(starts), list(starts)
     while stack:
-        for dep in stack.pop().all_input_nodes:
-            if dep not in seen:
-                seen.add(dep)
-                stack.append(dep)
+        for nxt in step(stack.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
     return seen
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_dqa.quantizers import ActivationQuantizer
 
-__all__ = ["quantize_replicas", "repeat_rows", "replica_mode"]
+__all__ = ["quantize_replicas", "repeat_rows", "replica_mode", "split_rows"]
 
 
 def quantize_replicas(q: ActivationQuantizer, x: Tensor, fp_rows: Tensor) -> Tensor:
@@ -103,3 +103,28 @@ def repeat_rows(value: Any, k: int, rows: int) -> Any:
     if isinstance(value, Tensor) and value.ndim and value.shape[0] == rows:
         return value.repeat(k, *([1] * (value.ndim - 1)))  # (K * N, ...)
     return value
+
+
+def split_rows(output: Any, k: int) -> list[Any]:
+    """Split a ``K * N``-row output (a tensor, or tuples, lists and dicts of them) into ``K`` outputs.
+
+    Raises:
+        ValueError: for a tensor whose first dimension is not a multiple of ``k``, or another kind of value.
+
+    Example:
+        >>> halves = split_rows({"logits": torch.arange(4)}, 2)  # K = 2 replicas of N = 2 rows
+        >>> [h["logits"].tolist() for h in halves]
+        [[0, 1], [2, 3]]
+
+    """
+    if isinstance(output, Tensor):
+        if not output.ndim or output.shape[0] % k:
+            raise ValueError(f"cannot split an output of shape {tuple(output.shape)} into {k} replicas")
+        return list(output.split(output.shape[0] // k))
+    if isinstance(output, dict):
+        split = {key: split_rows(v, k) for key, v in output.items()}
+        return [{key: v[i] for key, v in split.items()} for i in range(k)]
+    if isinstance(output, list | tuple):
+        columns = [split_rows(v, k) for v in output]
+        return [type(output)(col[i] for col in columns) for i in range(k)]
+    raise ValueError(f"cannot split an output of type {type(output).__name__} into replicas")

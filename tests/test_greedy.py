@@ -234,7 +234,7 @@ def test_out_of_memory_and_interrupts_in_the_fast_path_propagate(
 ) -> None:
     model, quantizers, order, batches = setup(where="output", scale_mode="dynamic")
     if where == "replay":
-        monkeypatch.setattr(GraphSearch, "run_downstream", raise_(err))
+        monkeypatch.setattr(GraphSearch, "_run_downstream", raise_(err))
     else:
         monkeypatch.setattr(_LeafTracer, "trace", raise_(err))
     with warnings.catch_warnings(), pytest.raises(type(err)):
