@@ -26,6 +26,7 @@ __all__ = [
     "attach_quantizers",
     "detach_quantizers",
     "find_quant_points",
+    "output_hook",
     "quantizers_of",
     "tap",
 ]
@@ -99,7 +100,12 @@ def _input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (getattr(module, QUANTIZER_ATTR)(args[0]), *args[1:])
 
 
-def _output_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+def output_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """The forward hook that quantizes a layer's output (``where="output"``) with its installed quantizer.
+
+    Public so that code replaying a model piecewise (:mod:`lightning_dqa.fxreplay`) can tell, by identity
+    among a layer's forward hooks, that the layer's quantizer acts on its output.
+    """
     return getattr(module, QUANTIZER_ATTR)(output)
 
 
@@ -145,7 +151,7 @@ def attach_quantizers(
         if point.where == "input":
             handle = point.layer.register_forward_pre_hook(_input_hook)
         else:
-            handle = point.layer.register_forward_hook(_output_hook)
+            handle = point.layer.register_forward_hook(output_hook)
         object.__setattr__(point.layer, _HANDLES_ATTR, handle)
         out[point.name] = quantizer
     return out
@@ -161,7 +167,7 @@ def detach_quantizers(model: nn.Module) -> None:
             else:  # a deep copy or unpickled model: find our hook by identity
                 for hooks in (module._forward_pre_hooks, module._forward_hooks):
                     for key, fn in list(hooks.items()):
-                        if fn in (_input_hook, _output_hook):
+                        if fn in (_input_hook, output_hook):
                             del hooks[key]
             delattr(module, QUANTIZER_ATTR)
 

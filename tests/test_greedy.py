@@ -12,8 +12,10 @@ from torch import Tensor, nn
 from lightning_dqa import DQAConfig, paper_config
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
-from lightning_dqa.greedy import _candidate_groups, _LeafTracer, _quantize_replicas, greedy_rank
+from lightning_dqa.fxreplay import GraphSearch, _LeafTracer
+from lightning_dqa.greedy import _candidate_groups, greedy_rank
 from lightning_dqa.quantizers import ActivationQuantizer
+from lightning_dqa.replicas import quantize_replicas as _quantize_replicas
 from lightning_dqa.selection import important_mask
 
 
@@ -67,6 +69,13 @@ class Untraceable(TinyResNet):
         if x.sum() > 1e9:
             x = x * 0
         return super().forward(x)
+
+
+class PythonOnBatchSize(TinyResNet):
+    """Python's range() on the batch size: symbolic tracing fails with a TypeError, not a TraceError."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * len(range(x.shape[0])) / x.shape[0]
 
 
 class BatchSizeUpstream(TinyResNet):
@@ -200,6 +209,62 @@ def test_untraceable_model_falls_back_with_identical_scores() -> None:
     with pytest.warns(UserWarning, match="torch.fx cannot run Untraceable"):
         got = greedy_rank(model, quantizers, order, batches, forward_fn, objective_fn)
     assert_same_scores(got, reference_greedy(model, quantizers, order, batches))
+
+
+def test_model_that_fails_tracing_warns_and_scores_like_the_reference() -> None:
+    model, quantizers, order, batches = setup(PythonOnBatchSize)
+    with pytest.warns(UserWarning, match=r"cannot run PythonOnBatchSize piecewise \(tracing: TypeError.*much slower"):
+        got = greedy_rank(model, quantizers, order, batches, forward_fn, objective_fn)
+    assert_same_scores(got, reference_greedy(model, quantizers, order, batches))
+
+
+def raise_(err: BaseException):
+    def fail(*args, **kwargs):
+        raise err
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    "err", [MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory"), KeyboardInterrupt()], ids=type
+)
+@pytest.mark.parametrize("where", ["replay", "tracing"])
+def test_out_of_memory_and_interrupts_in_the_fast_path_propagate(
+    monkeypatch: pytest.MonkeyPatch, err: BaseException, where: str
+) -> None:
+    model, quantizers, order, batches = setup(where="output", scale_mode="dynamic")
+    if where == "replay":
+        monkeypatch.setattr(GraphSearch, "_run_downstream", raise_(err))
+    else:
+        monkeypatch.setattr(_LeafTracer, "trace", raise_(err))
+    with warnings.catch_warnings(), pytest.raises(type(err)):
+        warnings.simplefilter("error")  # no fallback to the plain path either
+        greedy_rank(model, quantizers, order, batches, forward_fn, objective_fn)
+    assert all(not q.enabled and q.fp_mask is None for q in quantizers.values())
+    assert all(not h for q in quantizers.values() for h in (q._forward_hooks, q._forward_pre_hooks))
+
+
+def test_errors_of_the_model_itself_propagate_without_a_fallback() -> None:
+    model, quantizers, order, batches = setup(where="input")
+    layer = model.get_submodule(order[1])
+
+    def fails_at_the_second_layer(m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        # The quantizer is enabled only in the plain pass that checks the second layer's first candidates
+        # (the replay disables it and quantizes through a hook): a failure of the model, not of the replay.
+        if layer.dqa_quantizer.enabled:
+            raise ValueError("the model's own error")
+
+    layer.register_forward_pre_hook(fails_at_the_second_layer, prepend=True)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="the model's own error"):
+        warnings.simplefilter("error")
+        greedy_rank(model, quantizers, order, batches, forward_fn, objective_fn)
+
+    def failing_forward(m: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+        raise ValueError("the forward_fn's own error")
+
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="the forward_fn's own error"):
+        warnings.simplefilter("error")
+        greedy_rank(model, quantizers, order, batches, failing_forward, objective_fn)
 
 
 def test_batch_size_captured_upstream_fails_the_self_check_and_falls_back() -> None:
