@@ -300,7 +300,7 @@ def _read_fixed(buf: bytes) -> tuple[tuple, tuple[int, ...]]:
             f"Blob truncated: {len(buf)} bytes, the fixed header and checksum alone take {_FIXED.size + _CRC.size}"
         )
     fields = _FIXED.unpack_from(buf)
-    magic, version, flags, bits, m, ndim, cd, k, _crc, _main_bytes, _error_bits, chunk_size = fields
+    magic, version, flags, bits, m, ndim, cd, k, _crc, main_bytes, _error_bits, chunk_size = fields
     if magic != MAGIC:
         raise ValueError(f"Not a DQA activation blob: expected magic {MAGIC!r}, got {magic!r}")
     if version != VERSION:
@@ -321,17 +321,17 @@ def _read_fixed(buf: bytes) -> tuple[tuple, tuple[int, ...]]:
             raise ValueError(f"Corrupted blob: {what}")
     if k > shape[cd]:
         raise ValueError(f"Corrupted blob: {k} important channels of {shape[cd]}")
+    numel = math.prod(shape)
+    if main_bytes != packed_size(numel, bits):
+        raise ValueError(
+            f"Corrupted blob: {numel} main codes of {bits} bits need {packed_size(numel, bits)} bytes, "
+            f"the header says {main_bytes}"
+        )
     return fields, shape
 
 
 def _check_contents(header: BlobHeader, important: np.ndarray, codebook: HuffmanCodebook, book_crc: int) -> None:
-    """Cross-check header fields that a well-formed checksum does not vouch for, and the code book."""
-    numel = math.prod(header.shape)
-    if header.main_bytes != packed_size(numel, header.bits):
-        raise ValueError(
-            f"Corrupted blob: {numel} main codes of {header.bits} bits need {packed_size(numel, header.bits)} "
-            f"bytes, the header says {header.main_bytes}"
-        )
+    """Check the important channels (a valid checksum does not vouch for them) and the code book."""
     if important.shape[0] and (np.any(np.diff(important) <= 0) or important[-1] >= header.num_channels):
         raise ValueError(
             f"Corrupted blob: important channel indices must increase and stay below {header.num_channels}"

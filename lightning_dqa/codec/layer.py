@@ -3,7 +3,18 @@
 :func:`quantizer_to_bytes` stores the DQA codes ``q.codes(x)`` of an
 :class:`~lightning_dqa.quantizers.ActivationQuantizer` as a blob (:func:`~lightning_dqa.codec.blob.encode_activation`);
 :func:`bytes_to_values` reads it back and dequantizes with :func:`lightning_dqa.functional.dqa_dequantize`, which
-gives exactly ``q(x)``.
+gives exactly the values ``q(x)`` computes without autograd (the inference path).
+
+Example:
+    >>> import torch
+    >>> from lightning_dqa.quantizers import ActivationQuantizer
+    >>> q = ActivationQuantizer(4, bits=3, extra_bits=2, scale_mode="dynamic")
+    >>> q.important[1] = True
+    >>> x = torch.randn(2, 4, 5, 5)  # (N, C, H, W)
+    >>> with torch.no_grad():
+    ...     torch.equal(bytes_to_values(q, quantizer_to_bytes(q, x)), q(x))
+    True
+
 """
 
 from __future__ import annotations
@@ -66,7 +77,7 @@ def quantizer_to_bytes(q: ActivationQuantizer, x: Tensor, chunk_size: int = DEFA
 
 
 def bytes_to_values(q: ActivationQuantizer, blob: bytes | bytearray | memoryview) -> Tensor:
-    """Values back from a blob of :func:`quantizer_to_bytes`: exactly ``q(x)`` (up to the sign of zeros).
+    """Values back from a blob of :func:`quantizer_to_bytes`: exactly ``q(x)`` without autograd (zeros unsigned).
 
     Args:
         q: the quantizer that wrote the blob, in the same state (scales, important channels, histogram).
