@@ -165,11 +165,11 @@ def encode_activation(
 
     """
     cd = _check_layout(main, error, important, channel_dim)
-    _check_widths(bits, extra_bits, codebook)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size < _U32:
-        raise ValueError(f"Expected chunk_size to be an int in [1, {_U32 - 1}], got {chunk_size!r}")
+    _check_extra_bits(extra_bits, codebook)
     main_payload, _ = pack_codes(main, bits, signed)
-    stream = encode(error, codebook, chunk_size)
+    stream = encode(error, codebook, chunk_size)  # checks that chunk_size is a positive int
+    if chunk_size >= _U32:
+        raise ValueError(f"Expected chunk_size to be below 2**32 (a uint32 field), got {chunk_size}")
     idx = torch.nonzero(important.detach().cpu()).flatten().numpy()  # (k,)
     flags = (_SIGNED if signed else 0) | (_HAS_SCALE if scale is not None else 0)
     fixed = (MAGIC, VERSION, flags, bits, extra_bits, main.ndim, cd, idx.shape[0], _book_crc(codebook))
@@ -213,9 +213,8 @@ def _check_layout(main: Tensor, error: Tensor, important: Tensor, channel_dim: i
     return cd
 
 
-def _check_widths(bits: int, extra_bits: int, codebook: HuffmanCodebook) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_PACK_BITS <= bits <= MAX_PACK_BITS:
-        raise ValueError(f"Expected bits to be an int in [{MIN_PACK_BITS}, {MAX_PACK_BITS}], got {bits!r}")
+def _check_extra_bits(extra_bits: int, codebook: HuffmanCodebook) -> None:
+    """``bits`` is checked by :func:`pack_codes`; ``m`` here, against the code book's alphabet."""
     if isinstance(extra_bits, bool) or not isinstance(extra_bits, int) or not 0 <= extra_bits <= _MAX_EXTRA_BITS:
         raise ValueError(f"Expected extra_bits to be an int in [0, {_MAX_EXTRA_BITS}], got {extra_bits!r}")
     if codebook.num_symbols != 2**extra_bits:
