@@ -28,8 +28,15 @@ import numpy as np
 import torch
 
 from lightning_dqa import functional as F
-from lightning_dqa.bitpack import pack_codes, unpack_codes
-from lightning_dqa.huffman import DEFAULT_CHUNK_SIZE, HuffmanCodebook, decode, encode, symbol_counts
+from lightning_dqa.codec import (
+    DEFAULT_CHUNK_SIZE,
+    HuffmanCodebook,
+    decode,
+    encode,
+    pack_codes,
+    symbol_counts,
+    unpack_codes,
+)
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:

@@ -26,11 +26,10 @@ import torch
 
 from lightning_dqa import functional as F
 from lightning_dqa.attach import quantizers_of
-from lightning_dqa.bitpack import pack_codes, unpack_codes
+from lightning_dqa.codec import HuffmanCodebook, decode, encode, pack_codes, unpack_codes
 from lightning_dqa.config import DQAConfig, paper_config
 from lightning_dqa.data import CIFAR10DataModule
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
-from lightning_dqa.huffman import HuffmanCodebook, decode, encode
 from lightning_dqa.models import build_model, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]

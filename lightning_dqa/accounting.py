@@ -5,7 +5,7 @@ deployment view: each sample's activation tensor is stored, and decodable, on it
 
 * ``n`` bits for every activation value (the main codes, all channels);
 * the exact Huffman-coded bits of the shifting errors of the important channels (payload only: a device
-  decodes sequentially, so the chunk index that speeds up :func:`lightning_dqa.huffman.decode` is not charged);
+  decodes sequentially, so the chunk index that speeds up :func:`lightning_dqa.codec.decode` is not charged);
 * side information, charged once per sample: 32 bits per channel scale when scales are dynamic (computed from
   the tensor at run time, so stored with it), and the serialized code book (:attr:`HuffmanCodebook.size_bits`)
   whenever errors are stored. Static scales are constants of the model, fixed at calibration and stored once
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_dqa.huffman import HuffmanCodebook, bit_count, symbol_counts
+from lightning_dqa.codec import HuffmanCodebook, bit_count, symbol_counts
 
 __all__ = ["COLUMNS", "SCALE_BITS", "MemoryLedger", "TensorBits", "histogram_bits", "tensor_bits"]
 

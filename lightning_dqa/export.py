@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from lightning_dqa.attach import find_quant_points, quantizers_of
+from lightning_dqa.codec import HuffmanCodebook
 from lightning_dqa.config import DQAConfig
-from lightning_dqa.huffman import HuffmanCodebook
 
 __all__ = ["FORMAT", "apply_artifact", "export_artifact", "load_artifact"]
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lightning_dqa import functional as F
 from lightning_dqa.accounting import MemoryLedger, histogram_bits
 from lightning_dqa.attach import quantizers_of
-from lightning_dqa.huffman import HuffmanCodebook
+from lightning_dqa.codec import HuffmanCodebook
 from lightning_dqa.quantizers import ActivationQuantizer
 
 __all__ = ["MemoryMeter"]

@@ -9,7 +9,7 @@ import torch
 
 from lightning_dqa import functional as F
 from lightning_dqa.accounting import MemoryLedger, TensorBits, tensor_bits
-from lightning_dqa.huffman import HuffmanCodebook, encode, symbol_counts
+from lightning_dqa.codec import HuffmanCodebook, encode, symbol_counts
 from lightning_dqa.quantizers import ActivationQuantizer
 
 

@@ -7,7 +7,7 @@ from tiny import TinyNet, make_data
 
 from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.accounting import MemoryLedger, tensor_bits
-from lightning_dqa.huffman import HuffmanCodebook
+from lightning_dqa.codec import HuffmanCodebook
 from lightning_dqa.meter import MemoryMeter
 
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_dqa.bitpack import pack_codes, packed_size, unpack_codes
+from lightning_dqa.codec import pack_codes, packed_size, unpack_codes
 
 
 def reference_pack(codes: list[int], bits: int) -> bytes:
