@@ -168,13 +168,13 @@ class ActivationQuantizer(nn.Module):
                 out of range, or does not match this quantizer's channels, widths, channel axis or scale mode.
         """
         owner = owner or f"layer {self.name!r}"
-        for field, mine in (
-            ("channels", self.num_channels),
-            ("channel_dim", self.channel_dim),
-            ("bits", self.n),
-            ("extra_bits", self.m),
+        for field, mine, lo, hi in (
+            ("channels", self.num_channels, 1, 2**31),
+            ("channel_dim", self.channel_dim, -8, 7),
+            ("bits", self.n, 0, 16),
+            ("extra_bits", self.m, 0, 16),
         ):
-            if read_int(entry, field, owner, -(2**31), 2**31) != mine:
+            if read_int(entry, field, owner, lo, hi) != mine:
                 raise fail(owner, field, f"{mine} (the model's value; the config gives it)", entry[field])
         if entry.get("scale_mode") != self.scale_mode:
             raise fail(owner, "scale_mode", f"{self.scale_mode!r} (the config's)", entry.get("scale_mode"))

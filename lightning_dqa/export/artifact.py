@@ -82,7 +82,9 @@ def _from_mapping(artifact: Mapping[str, Any]) -> dict[str, Any]:
     """A dict artifact through the same JSON rules as a file (a copy: the caller's dict is not kept)."""
     try:
         text = json.dumps(artifact)
-    except (TypeError, ValueError, RecursionError) as err:
+    except RecursionError:
+        raise ValueError("Artifact: expected JSON nested a few levels deep, got nesting too deep to read") from None
+    except (TypeError, ValueError) as err:
         raise ValueError(f"Artifact: expected a dict of JSON values, got one that is not: {err!r}") from None
     return parse_artifact(text)
 
