@@ -184,8 +184,10 @@ class NoisyQuantizer(ActivationQuantizer):
         return entry
 
     def check_artifact_entry(self, entry: Mapping[str, Any], owner: str = "") -> dict[str, Tensor]:
-        """The base checks, plus: no important channel, finite ``noise`` of ``C`` values, ``clip_ratio`` in
-        ``(0, 1]``, ``noise_range >= 0`` and a finite ``noise_shift``.
+        """Validate an entry: the base checks, plus the noise and the search record.
+
+        No important channel, finite ``noise`` of ``C`` values, ``clip_ratio`` in ``(0, 1]``,
+        ``noise_range >= 0`` and a finite ``noise_shift``.
 
         Args:
             entry: a dict as :meth:`artifact_entry` writes it.

@@ -238,9 +238,7 @@ def direct_artifact(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("field", "corrupt"), [(f, c) for _, f, c in MALFORMED], ids=[n for n, _, _ in MALFORMED])
-def test_malformed_artifact_fails_clearly_and_leaves_the_model_alone(
-    tmp_path, valid, direct_artifact, field, corrupt
-):
+def test_malformed_artifact_fails_clearly_and_leaves_the_model_alone(tmp_path, valid, direct_artifact, field, corrupt):
     bad = copy.deepcopy(valid)
     corrupt(bad)
     # a model already quantized by another artifact: it must keep that state, quantizers and hooks
@@ -265,8 +263,15 @@ def test_malformed_artifact_fails_clearly_and_leaves_the_model_alone(
 def test_noisyquant_entries_are_checked(tmp_path):
     config = CONFIGS["noisyquant"]
     art = export_artifact(calibrated(config), tmp_path / "n.json", config)
-    cases = [("noise", [float("nan")] * 8), ("noise", [0.0] * 3), ("clip_ratio", 0.0), ("clip_ratio", 1.5),
-             ("noise_range", -1.0), ("noise_shift", "x"), ("important", [0])]
+    cases = [
+        ("noise", [float("nan")] * 8),
+        ("noise", [0.0] * 3),
+        ("clip_ratio", 0.0),
+        ("clip_ratio", 1.5),
+        ("noise_range", -1.0),
+        ("noise_shift", "x"),
+        ("important", [0]),
+    ]
     for field, value in cases:
         bad = copy.deepcopy(art)
         bad["layers"][1][field] = value

@@ -1,4 +1,4 @@
-"""Write a calibrated model's artifact, read one, and apply one to a fresh model (format: :mod:`lightning_dqa.export`)."""
+"""Write a calibrated model's artifact, read one, apply one to a fresh model (format: :mod:`lightning_dqa.export`)."""
 
 from __future__ import annotations
 

@@ -207,7 +207,8 @@ def check_artifact(model: nn.Module, data: Mapping[str, Any]) -> tuple[DQAConfig
             )
     missing = [n for n in templates if n not in names]
     if missing:
-        raise fail("layers", "the layer list", f"an entry for every target layer of the model; {missing} lack one", names)
+        rule = f"an entry for every target layer of the model; {missing} lack one"
+        raise fail("layers", "the layer list", rule, names)
     by_name = {layer["name"]: layer for layer in data["layers"]}
     v1 = data["format"] == FORMAT_V1
     checked = {n: _check_layer(by_name[n], q, config, config.where, v1) for n, q in templates.items()}
