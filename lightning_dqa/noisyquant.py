@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from lightning_dqa import functional as F
 from lightning_dqa.attach import QUANTIZER_ATTR, QuantPoint
 from lightning_dqa.config import DQAConfig
+from lightning_dqa.fields import fail, read_float, read_float_list
 from lightning_dqa.quantizers import ActivationQuantizer
 
 __all__ = [
@@ -164,6 +166,54 @@ class NoisyQuantizer(ActivationQuantizer):
         self.clip_ratio.fill_(clip_ratio)
         self.noise_range.fill_(noise_range)
         self.noise_shift.fill_(noise_shift)
+
+    def artifact_entry(self) -> dict[str, Any]:
+        """The base entry plus ``noise`` (``(C,)`` floats), ``clip_ratio``, ``noise_range`` and ``noise_shift``.
+
+        Returns:
+            A JSON-ready dict; every float32 value reads back bit for bit.
+
+        Example:
+            >>> NoisyQuantizer(2, bits=3).artifact_entry()["noise"]
+            [0.0, 0.0]
+        """
+        entry = super().artifact_entry()
+        entry["noise"] = [float(v) for v in self.noise.detach().float().cpu()]
+        for name in ("clip_ratio", "noise_range", "noise_shift"):
+            entry[name] = float(getattr(self, name))
+        return entry
+
+    def check_artifact_entry(self, entry: Mapping[str, Any], owner: str = "") -> dict[str, Tensor]:
+        """Validate an entry: the base checks, plus the noise and the search record.
+
+        No important channel, finite ``noise`` of ``C`` values, ``clip_ratio`` in ``(0, 1]``,
+        ``noise_range >= 0`` and a finite ``noise_shift``.
+
+        Args:
+            entry: a dict as :meth:`artifact_entry` writes it.
+            owner: how errors name the entry; default: this quantizer's name.
+
+        Returns:
+            The tensors :meth:`load_artifact_entry` takes, by buffer name.
+
+        Raises:
+            ValueError: naming the field, the rule and the value.
+        """
+        owner = owner or f"layer {self.name!r}"
+        out = super().check_artifact_entry(entry, owner)
+        if bool(out["important"].any()):
+            raise fail(owner, "important", "empty (NoisyQuant has no important channels)", entry["important"])
+        noise = torch.tensor(read_float_list(entry, "noise", owner, self.num_channels))
+        if not bool(torch.isfinite(noise).all()):
+            raise fail(owner, "noise", "numbers representable in float32", entry["noise"])
+        clip = read_float(entry, "clip_ratio", owner, lo=0.0, hi=1.0)
+        if clip == 0.0:
+            raise fail(owner, "clip_ratio", "a number in (0, 1]", clip)
+        out["noise"] = noise
+        out["clip_ratio"] = torch.tensor(clip)
+        out["noise_range"] = torch.tensor(read_float(entry, "noise_range", owner, lo=0.0, hi=1e6))
+        out["noise_shift"] = torch.tensor(read_float(entry, "noise_shift", owner, lo=-1e6, hi=1e6))
+        return out
 
     def extra_repr(self) -> str:
         """Summary shown by ``print(model)``."""

@@ -8,12 +8,14 @@ not match the model is caught by key or shape. All maths is delegated to :mod:`l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_dqa import functional as F
+from lightning_dqa.fields import fail, read_bool, read_float_list, read_int, read_int_list
 
 __all__ = ["ActivationQuantizer"]
 
@@ -33,6 +35,11 @@ class ActivationQuantizer(nn.Module):
         ``calibrated``: scalar bool, set once calibration froze scales and selection.
         ``bits`` / ``extra_bits``: scalar int, so a checkpoint records the widths it was made with.
         ``error_counts``: ``(2**extra_bits,)`` calibration histogram of shifting errors (the code book's source).
+
+    Deployment artifacts (:mod:`lightning_dqa.export`): :meth:`artifact_entry` writes this state as JSON,
+    :meth:`check_artifact_entry` validates an entry against this quantizer's layout without changing anything,
+    :meth:`load_artifact_entry` writes the checked tensors into the buffers. Subclasses with more state extend
+    the first two (see :class:`lightning_dqa.noisyquant.NoisyQuantizer`).
 
     Args:
         num_channels: ``C``, the size of the channel axis.
@@ -118,6 +125,108 @@ class ActivationQuantizer(nn.Module):
     def set_static_scale(self, scale: Tensor) -> None:
         """Freeze per-channel ``bits``-bit scales ``(C,)`` (the starting point of a learnable scale)."""
         self.scale.copy_(scale.detach().to(self.scale.device, self.scale.dtype))
+
+    # ------------------------------------------------------------------ artifact entries
+    def artifact_entry(self) -> dict[str, Any]:
+        """This quantizer's state as a JSON-ready dict (the per-layer fields of the deployment artifact).
+
+        Scales are written as Python floats, which hold every float32 exactly, so they read back bit for bit.
+
+        Returns:
+            ``{"channel_dim", "channels", "bits", "extra_bits", "signed", "scale_mode", "scales" (``None`` when
+            dynamic), "important" (sorted channel indices), "error_counts"}``.
+
+        Example:
+            >>> ActivationQuantizer(2, bits=3, extra_bits=1).artifact_entry()["important"]
+            []
+        """
+        dynamic = self.scale_mode == "dynamic"
+        return {
+            "channel_dim": self.channel_dim,
+            "channels": self.num_channels,
+            "bits": self.n,
+            "extra_bits": self.m,
+            "signed": bool(self.signed),
+            "scale_mode": self.scale_mode,
+            "scales": None if dynamic else [float(s) for s in self.scale.detach().abs().float().cpu()],
+            "important": torch.nonzero(self.important.cpu()).flatten().tolist(),
+            "error_counts": [int(c) for c in self.error_counts.cpu()],
+        }
+
+    def check_artifact_entry(self, entry: Mapping[str, Any], owner: str = "") -> dict[str, Tensor]:
+        """Validate an artifact entry against this quantizer's layout; nothing is changed.
+
+        Args:
+            entry: a dict as :meth:`artifact_entry` writes it (parsed JSON).
+            owner: how errors name the entry, e.g. ``"layer 'net.0'"``; default: this quantizer's name.
+
+        Returns:
+            The tensors :meth:`load_artifact_entry` takes, by buffer name.
+
+        Raises:
+            ValueError: naming the field, the rule and the value, when a field is missing, of another JSON type,
+                out of range, or does not match this quantizer's channels, widths, channel axis or scale mode.
+        """
+        owner = owner or f"layer {self.name!r}"
+        for field, mine, lo, hi in (
+            ("channels", self.num_channels, 1, 2**31),
+            ("channel_dim", self.channel_dim, -8, 7),
+            ("bits", self.n, 0, 16),
+            ("extra_bits", self.m, 0, 16),
+        ):
+            if read_int(entry, field, owner, lo, hi) != mine:
+                raise fail(owner, field, f"{mine} (the model's value; the config gives it)", entry[field])
+        if entry.get("scale_mode") != self.scale_mode:
+            raise fail(owner, "scale_mode", f"{self.scale_mode!r} (the config's)", entry.get("scale_mode"))
+        out = {
+            "signed": torch.tensor(read_bool(entry, "signed", owner)),
+            "important": self._check_important(entry, owner),
+            "error_counts": torch.tensor(
+                read_int_list(entry, "error_counts", owner, 0, 2**62, length=2**self.m), dtype=torch.int64
+            ),
+        }
+        if self.scale_mode == "dynamic":
+            if entry.get("scales", None) is not None:
+                raise fail(owner, "scales", "null with scale_mode 'dynamic'", entry["scales"])
+        else:
+            out["scale"] = self._check_scales(entry, owner)
+        return out
+
+    def _check_scales(self, entry: Mapping[str, Any], owner: str) -> Tensor:
+        """``(C,)`` float32 scales, finite and positive once in float32 too."""
+        scale = torch.tensor(read_float_list(entry, "scales", owner, self.num_channels, positive=True))
+        bad = ~(torch.isfinite(scale) & (scale > 0))  # float64 values that overflow or vanish in float32
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise fail(owner, f"scales[{i}]", "a positive number representable in float32", entry["scales"][i])
+        return scale
+
+    def _check_important(self, entry: Mapping[str, Any], owner: str) -> Tensor:
+        """``(C,)`` bool mask from a list of distinct channel indices (empty for a pass-through layer)."""
+        index = read_int_list(entry, "important", owner, 0, self.num_channels - 1)
+        if len(set(index)) != len(index):
+            raise fail(owner, "important", "distinct channel indices", index)
+        if index and self.passthrough:
+            raise fail(owner, "important", "empty for a layer left in full precision (bits 0)", index)
+        mask = torch.zeros(self.num_channels, dtype=torch.bool)
+        mask[torch.tensor(index, dtype=torch.long)] = True
+        return mask
+
+    @torch.no_grad()
+    def load_artifact_entry(self, checked: Mapping[str, Tensor]) -> None:
+        """Write tensors returned by :meth:`check_artifact_entry` into the buffers; mark calibrated and enable.
+
+        Args:
+            checked: buffer name -> tensor of that buffer's shape (``"scale"`` goes through
+                :meth:`set_static_scale`, so a learnable scale stays the same Parameter).
+        """
+        for name, value in checked.items():
+            if name == "scale":
+                self.set_static_scale(value)
+            else:
+                getattr(self, name).copy_(value)
+        self.calibrated.fill_(True)
+        self.enabled = True
 
     # ------------------------------------------------------------------ maths
     def current_scale(self, x: Tensor) -> Tensor:
