@@ -4,6 +4,7 @@ batches with other key names, models returning tuples or dicts, predict, and eac
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import pytest
@@ -181,7 +182,7 @@ def test_predict_after_validate_predicts_with_the_quantized_model():
 
 
 class RecordingProgress(CalibrationProgress):
-    kinds: list[str] = []
+    kinds: ClassVar[list[str]] = []
 
     def close(self) -> None:
         RecordingProgress.kinds.append(self.kind)
