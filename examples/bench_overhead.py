@@ -28,10 +28,10 @@ from lightning_dqa import functional as F
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.bitpack import pack_codes, unpack_codes
 from lightning_dqa.config import DQAConfig, paper_config
-from lightning_dqa.data import CIFAR10DataModule
+from lightning_dqa.demos.data import CIFAR10DataModule
+from lightning_dqa.demos.models import build_model, load_pretrained
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
 from lightning_dqa.huffman import HuffmanCodebook, decode, encode
-from lightning_dqa.models import build_model, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -30,8 +30,8 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lightning_dqa import DQACallback
-from lightning_dqa.data import CIFAR10DataModule
-from lightning_dqa.tasks import ImageClassifier, SegmentationModel
+from lightning_dqa.demos.data import CIFAR10DataModule
+from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_dqa.data import CamVidDataModule, CamVidDataset, CIFAR10DataModule, JointTransform
+from lightning_dqa.demos.data import CamVidDataModule, CamVidDataset, CIFAR10DataModule, JointTransform
 
 # ----------------------------------------------------------------- CIFAR-10
 
