@@ -5,7 +5,14 @@ read their folder from ``root`` or, when it is ``None``, from the ``LIGHTNING_DQ
 (a folder holding ``cifar10/`` and ``camvid/``).
 """
 
-from lightning_dqa.demos.data import CamVidDataModule, CamVidDataset, CIFAR10DataModule, JointTransform
+from lightning_dqa.demos.data import (
+    DATA_ENV_VAR,
+    CamVidDataModule,
+    CamVidDataset,
+    CIFAR10DataModule,
+    JointTransform,
+    resolve_root,
+)
 from lightning_dqa.demos.models import (
     ARCHS,
     CifarResNet,
@@ -25,6 +32,7 @@ from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
 
 __all__ = [
     "ARCHS",
+    "DATA_ENV_VAR",
     "CIFAR10DataModule",
     "CamVidDataModule",
     "CamVidDataset",
@@ -42,5 +50,6 @@ __all__ = [
     "resnet44",
     "resnet56",
     "resnet110",
+    "resolve_root",
     "unet",
 ]
