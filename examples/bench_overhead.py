@@ -28,9 +28,9 @@ from lightning_dqa import functional as F
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.codec import HuffmanCodebook, decode, encode, pack_codes, unpack_codes
 from lightning_dqa.config import DQAConfig, paper_config
-from lightning_dqa.data import CIFAR10DataModule
+from lightning_dqa.demos.data import CIFAR10DataModule
+from lightning_dqa.demos.models import build_model, load_pretrained
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
-from lightning_dqa.models import build_model, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -47,7 +47,7 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--bits", type=int, default=3)
@@ -56,36 +56,45 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(SHARED / "data" / "cifar10"))
     parser.add_argument("--weights", default=str(SHARED / "weights" / "resnet32-d509ac18.th"))
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    return parser.parse_args()
+
+
+def load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, list[Any]]:
+    """The pretrained ResNet-32 in eval mode, one test batch ``(batch, 3, 32, 32)`` and the calibration batches."""
     dm = CIFAR10DataModule(root=args.data_root, eval_batch_size=args.batch, limit_test=args.batch)
     dm.setup("test")
     x, _ = next(iter(dm.test_dataloader()))
     calib = list(dm.calibration_dataloader(args.calib_samples, 0, batch_size=250))
     model = build_model("resnet32")
     load_pretrained(model, args.weights)
-    model.eval()
+    return model.eval(), x, calib
 
-    def loss_fn(m: torch.nn.Module, b: Any) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
 
-    rows: list[dict[str, Any]] = []
+def _loss_fn(m: torch.nn.Module, b: Any) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def quantize_model(model: torch.nn.Module, cfg: DQAConfig, calib: list[Any]) -> None:
+    prepare(model, cfg)
+    calibrate(model, cfg, calib, forward_fn=lambda m, b: m(b[0]), loss_fn=_loss_fn)
+
+
+def forward_rows(model: torch.nn.Module, x: torch.Tensor, calib: list[Any], args: argparse.Namespace) -> list[dict]:
+    """The FP32 forward, then the forward with fake quantization in the default and the paper setting."""
     with torch.inference_mode():
-        fp32 = best_of(lambda: model(x), args.repeats)
-    rows.append({"step": "FP32 forward", "ms": 1e3 * fp32})
+        rows = [{"step": "FP32 forward", "ms": 1e3 * best_of(lambda: model(x), args.repeats)}]
     for name, cfg in (
         ("DQA fake-quant forward, default (static scales)", DQAConfig(bits=args.bits)),
         ("DQA fake-quant forward, paper (dynamic maxima)", paper_config(args.bits, ranking="fisher")),
     ):
-        prepare(model, cfg)
-        calibrate(model, cfg, calib, forward_fn=lambda m, b: m(b[0]), loss_fn=loss_fn)
+        quantize_model(model, cfg, calib)
         with torch.inference_mode():
             rows.append({"step": name, "ms": 1e3 * best_of(lambda: model(x), args.repeats)})
+    return rows
 
-    # the storage path, on the default setting's quantizers and the layers' real inputs for this batch
-    cfg = DQAConfig(bits=args.bits)
-    prepare(model, cfg)
-    calibrate(model, cfg, calib, forward_fn=lambda m, b: m(b[0]), loss_fn=loss_fn)
+
+def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, Any, torch.Tensor]]:
+    """``(name, quantizer, its real input for x)`` of every quantized (not passthrough) layer."""
     quantizers = quantizers_of(model)
     inputs: dict[str, torch.Tensor] = {}
     hooks = [q.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0])) for n, q in quantizers.items()]
@@ -94,12 +103,28 @@ def main() -> None:
     for h in hooks:
         h.remove()
     set_quantizers_enabled(model, True)
-    layers = [(n, q, inputs[n]) for n, q in quantizers.items() if not q.passthrough]
-    books = {n: HuffmanCodebook.from_counts(q.error_counts) for n, q, _ in layers}
+    return [(n, q, inputs[n]) for n, q in quantizers.items() if not q.passthrough]
 
-    def quantize() -> list[Any]:
+
+class StoragePath:
+    """The real storage path over all quantized layers; each step's output is computed once as the next one's input.
+
+    Args:
+        layers: ``(name, quantizer, input)`` triples from :func:`layer_inputs`.
+
+    """
+
+    def __init__(self, layers: list[tuple[str, Any, torch.Tensor]]) -> None:
+        self.layers = layers
+        self.books = {n: HuffmanCodebook.from_counts(q.error_counts) for n, q, _ in layers}
+        self.codes = self.quantize()
+        self.shifted = self.shift()
+        self.encoded = self.encode()
+
+    def quantize(self) -> list[Any]:
+        """Per layer: ``(n-bit codes, (n+m)-bit codes of the important channels, their indices, scale)``."""
         out = []
-        for _n, q, t in layers:
+        for _n, q, t in self.layers:
             scale = q.current_scale(t)
             idx = torch.nonzero(q.important).flatten()
             low = F.quantize(t, scale, q.n, bool(q.signed), q.channel_dim)
@@ -109,45 +134,50 @@ def main() -> None:
             out.append((low, high, idx, scale))
         return out
 
-    codes = quantize()
-
-    def shift() -> list[Any]:
+    def shift(self) -> list[Any]:
+        """Per layer: ``(main codes, shifting errors, important indices, scale)``."""
         out = []
-        for (_n, q, _t), (low, high, idx, scale) in zip(layers, codes, strict=True):
+        for (_n, q, _t), (low, high, idx, scale) in zip(self.layers, self.codes, strict=True):
             main_imp, err = F.shift_split(high, q.m)
             out.append((low.index_copy(q.channel_dim, idx, main_imp), err, idx, scale))
         return out
 
-    shifted = shift()
-
-    def enc() -> list[Any]:
+    def encode(self) -> list[Any]:
+        """Per layer: ``(bit-packed main codes, Huffman stream of the errors)``."""
         out = []
-        for (n, q, _t), (main, err, _idx, _s) in zip(layers, shifted, strict=True):
-            out.append((pack_codes(main, q.n, bool(q.signed)), encode(err.flatten(), books[n])))
+        for (n, q, _t), (main, err, _idx, _s) in zip(self.layers, self.shifted, strict=True):
+            out.append((pack_codes(main, q.n, bool(q.signed)), encode(err.flatten(), self.books[n])))
         return out
 
-    encoded = enc()
-
-    def dec() -> list[Any]:
+    def decode(self) -> list[Any]:
+        """Per layer: ``(unpacked main codes, decoded errors)``."""
         out = []
-        for (n, q, _t), (main, _e, _i, _s), ((payload, _bits), stream) in zip(layers, shifted, encoded, strict=True):
-            out.append((unpack_codes(payload, q.n, bool(q.signed), main.numel()), decode(stream, books[n])))
+        steps = zip(self.layers, self.shifted, self.encoded, strict=True)
+        for (n, q, _t), (main, _e, _i, _s), ((payload, _bits), stream) in steps:
+            out.append((unpack_codes(payload, q.n, bool(q.signed), main.numel()), decode(stream, self.books[n])))
         return out
 
-    def dequantize() -> None:
-        for (_n, q, _t), (main, err, _idx, scale) in zip(layers, shifted, strict=True):
+    def dequantize(self) -> None:
+        """Dequantize every layer (results dropped: only the cost is wanted)."""
+        for (_n, q, _t), (main, err, _idx, scale) in zip(self.layers, self.shifted, strict=True):
             F.dqa_dequantize(main, err, scale, q.m, q.important, q.channel_dim)
 
-    for name, fn in (
-        ("quantize (n and n+m bit codes)", quantize),
-        ("shift (main code, shifting error)", shift),
-        ("encode (bit-pack + Huffman)", enc),
-        ("decode (unpack + Huffman)", dec),
-        ("dequantize", dequantize),
-    ):
-        rows.append({"step": name, "ms": 1e3 * best_of(fn, args.repeats)})
+    def steps(self) -> list[tuple[str, Callable[[], Any]]]:
+        """``(row name, step)`` pairs in the order of the storage path."""
+        return [
+            ("quantize (n and n+m bit codes)", self.quantize),
+            ("shift (main code, shifting error)", self.shift),
+            ("encode (bit-pack + Huffman)", self.encode),
+            ("decode (unpack + Huffman)", self.decode),
+            ("dequantize", self.dequantize),
+        ]
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Print the rows with their ratio to the FP32 forward (the first row); write them to ``--out`` if given."""
+    fp32_ms = rows[0]["ms"]
     for row in rows:
-        row["ratio"] = row["ms"] / (1e3 * fp32)
+        row["ratio"] = row["ms"] / fp32_ms
     width = max(len(r["step"]) for r in rows)
     print(f"ResNet-32, batch {args.batch}, {args.bits}-bit DQA, {torch.get_num_threads()} threads")
     for row in rows:
@@ -162,6 +192,18 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    model, x, calib = load(args)
+    rows = forward_rows(model, x, calib, args)
+    # the storage path, on the default setting's quantizers and the layers' real inputs for this batch
+    quantize_model(model, DQAConfig(bits=args.bits), calib)
+    path = StoragePath(layer_inputs(model, x))
+    rows += [{"step": name, "ms": 1e3 * best_of(fn, args.repeats)} for name, fn in path.steps()]
+    report(rows, args)
 
 
 if __name__ == "__main__":

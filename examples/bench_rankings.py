@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from lightning_dqa import DQAConfig, paper_config
 from lightning_dqa.attach import quantizers_of
+from lightning_dqa.demos.models import load_pretrained, resnet32
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
 from lightning_dqa.greedy import greedy_rank
-from lightning_dqa.models import load_pretrained, resnet32
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

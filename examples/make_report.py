@@ -82,7 +82,7 @@ def section_uniform(dm: Any, calib: int) -> list[dict[str, Any]]:
 
 def section_qat(args: argparse.Namespace) -> list[dict[str, Any]]:
     """3-bit DQA, learnable scales, fine-tuned with SGD for a fixed number of steps, then evaluated."""
-    from lightning_dqa.data import CIFAR10DataModule
+    from lightning_dqa.demos.data import CIFAR10DataModule
 
     dm = CIFAR10DataModule(root=args.data_root, batch_size=128, eval_batch_size=500, seed=0)
     rec = fine_tune_one(

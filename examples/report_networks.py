@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from reproduce_paper import REPO, SHARED, fine_tune_one, quiet, run_one
 
-from lightning_dqa.data import CamVidDataModule, CIFAR10DataModule
+from lightning_dqa.demos.data import CamVidDataModule, CIFAR10DataModule
 
 OUT_DIR = REPO / "docs" / "results"
 CHECKPOINTS = REPO / "examples" / "checkpoints"

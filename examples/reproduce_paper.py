@@ -30,8 +30,8 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lightning_dqa import DQACallback
-from lightning_dqa.data import CIFAR10DataModule
-from lightning_dqa.tasks import ImageClassifier, SegmentationModel
+from lightning_dqa.demos.data import CIFAR10DataModule
+from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -90,21 +90,9 @@ def run_one(
         verbose=False,
         **kwargs,
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[callback],
-    )
+    trainer = _quiet_trainer(callback, devices=1, enable_checkpointing=False)
     start = time.perf_counter()
-    if stage not in ("validate", "test"):
-        raise ValueError(f"Expected stage to be 'validate' or 'test', got {stage!r}")
-    run = trainer.validate if stage == "validate" else trainer.test
-    (metrics,) = run(model, datamodule=datamodule, verbose=False)
-    prefix = "val" if stage == "validate" else "test"
+    metrics = _evaluate(trainer, model, datamodule, stage)
     total = time.perf_counter() - start
     report = callback.report
     calib = 0.0 if report is None else report.stats_seconds + report.rank_seconds
@@ -116,8 +104,7 @@ def run_one(
         "ratio": ratio if method == "dqa" else 0.0,
         "ranking": ranking if method == "dqa" else None,
         "setting": setting,
-        "accuracy": round(100.0 * float(metrics[f"{prefix}/acc"]), 2),
-        **({"miou": round(100.0 * float(metrics[f"{prefix}/miou"]), 2)} if f"{prefix}/miou" in metrics else {}),
+        **_scores(metrics),
         "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
         "activation_kib_per_image": round(float(metrics["dqa/activation_bytes_per_sample"]) / 1024, 2),
         "fp32_activation_kib_per_image": round(float(metrics["dqa/fp32_activation_bytes_per_sample"]) / 1024, 2),
@@ -161,28 +148,15 @@ def fine_tune_one(
         verbose=False,
         **callback_kwargs,
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[callback],
+    trainer = _quiet_trainer(
+        callback, max_steps=steps, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     train_seconds = time.perf_counter() - start
     # A second Trainer evaluates (the first one has validation off); the callback keeps the fine-tuned state,
     # since it never calibrates a calibrated model again.
-    evaluator = Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback]
-    )
-    run = evaluator.validate if stage == "validate" else evaluator.test
-    (metrics,) = run(model, datamodule=datamodule, verbose=False)
-    prefix = "val" if stage == "validate" else "test"
+    metrics = _evaluate(_quiet_trainer(callback), model, datamodule, stage)
     config = callback.config
     return {
         "arch": arch,
@@ -192,8 +166,7 @@ def fine_tune_one(
         "ratio": config.ratio,
         "ranking": config.ranking,
         "setting": "default+qat",
-        "accuracy": round(100 * float(metrics[f"{prefix}/acc"]), 2),
-        **({"miou": round(100.0 * float(metrics[f"{prefix}/miou"]), 2)} if f"{prefix}/miou" in metrics else {}),
+        **_scores(metrics),
         "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
         "memory_saving": round(float(metrics["dqa/memory_saving"]), 4),
         "qat_steps": steps,
@@ -203,6 +176,36 @@ def fine_tune_one(
         "calib_samples": calib_samples,
         "seed": seed,
     }
+
+
+def _quiet_trainer(callback: DQACallback, **kwargs: Any) -> Trainer:
+    """A CPU Trainer with ``callback`` and no logger, progress bar or model summary."""
+    return Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **kwargs,
+    )
+
+
+def _evaluate(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule, stage: str) -> dict:
+    """The metrics of ``trainer.validate`` or ``trainer.test``, their ``val/`` or ``test/`` prefix read ``eval/``."""
+    if stage not in ("validate", "test"):
+        raise ValueError(f"Expected stage to be 'validate' or 'test', got {stage!r}")
+    run = trainer.validate if stage == "validate" else trainer.test
+    (metrics,) = run(model, datamodule=datamodule, verbose=False)
+    prefix = "val/" if stage == "validate" else "test/"
+    return {("eval/" + k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in metrics.items()}
+
+
+def _scores(metrics: dict) -> dict[str, float]:
+    """Accuracy, and mIoU when the task reports it, in percent with two decimals."""
+    out = {"accuracy": round(100.0 * float(metrics["eval/acc"]), 2)}
+    if "eval/miou" in metrics:
+        out["miou"] = round(100.0 * float(metrics["eval/miou"]), 2)
+    return out
 
 
 def build_task(arch: str, weights: str, model_kwargs: dict[str, Any] | None = None) -> LightningModule:

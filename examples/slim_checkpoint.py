@@ -3,8 +3,8 @@
 A Lightning checkpoint holds the optimizer state (momentum, Adam moments) next to the weights, two to three
 times their size. This keeps ``net.*`` tensors only (the prefix removed), plus the epoch, step and
 hyper-parameters as plain values, and prints the file's size and sha256. The result loads with
-``weights_only=True`` through :func:`lightning_dqa.models.load_pretrained`, i.e. the ``weights:`` argument of
-:class:`~lightning_dqa.tasks.ImageClassifier` and :class:`~lightning_dqa.tasks.SegmentationModel`.
+``weights_only=True`` through :func:`lightning_dqa.demos.models.load_pretrained`, i.e. the ``weights:`` argument of
+:class:`~lightning_dqa.demos.tasks.ImageClassifier` and :class:`~lightning_dqa.demos.tasks.SegmentationModel`.
 
 Usage::
 

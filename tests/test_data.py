@@ -6,7 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_dqa.data import CamVidDataModule, CamVidDataset, CIFAR10DataModule, JointTransform
+from lightning_dqa.demos.data import (
+    DATA_ENV_VAR,
+    CamVidDataModule,
+    CamVidDataset,
+    CIFAR10DataModule,
+    JointTransform,
+    resolve_root,
+)
 
 # ----------------------------------------------------------------- CIFAR-10
 
@@ -201,3 +208,59 @@ def test_camvid_errors(tmp_path: Path) -> None:
     (root / "test.txt").write_text("test/0.png\n")
     with pytest.raises(ValueError, match="line 1"):
         CamVidDataset(root, "test")
+
+
+# ----------------------------------------------------------------- data roots: argument, else LIGHTNING_DQA_DATA
+
+
+def test_data_env_var_name() -> None:
+    assert DATA_ENV_VAR == "LIGHTNING_DQA_DATA"
+
+
+def test_roots_from_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
+    _fake_camvid(tmp_path / "camvid")
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    cifar = CIFAR10DataModule()
+    assert cifar.root == str(tmp_path / "cifar10") and cifar.hparams["root"] == cifar.root  # resolved, recorded
+    camvid = CamVidDataModule(limit_val=1)
+    assert camvid.root == str(tmp_path / "camvid") and camvid.hparams["root"] == camvid.root
+    camvid.setup("validate")
+    assert len(camvid.val_set) == 1
+
+
+def test_explicit_root_wins_over_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mine" / "cifar-10-batches-py").mkdir(parents=True)
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path / "elsewhere"))
+    assert CIFAR10DataModule(root=str(tmp_path / "mine")).root == str(tmp_path / "mine")
+    assert resolve_root(tmp_path / "mine", "cifar10") == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize("env_value", [None, ""])
+@pytest.mark.parametrize(
+    ("make", "subfolder"),
+    [
+        (CIFAR10DataModule, "cifar10"),
+        (lambda: CIFAR10DataModule(download=True), "cifar10"),
+        (CamVidDataModule, "camvid"),
+    ],
+)
+def test_no_root_and_no_env_var_is_a_clear_error(
+    make: object, subfolder: str, env_value: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if env_value is None:
+        monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(DATA_ENV_VAR, env_value)
+    with pytest.raises(ValueError, match=rf"Expected root to be the {subfolder} folder, or the LIGHTNING_DQA_DATA"):
+        make()  # type: ignore[operator]
+
+
+def test_env_var_folder_without_the_data_set_names_the_resolved_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    with pytest.raises(ValueError, match=r"root to contain cifar-10-batches-py.*cifar10"):
+        CIFAR10DataModule()
+    with pytest.raises(ValueError, match=r"root to be the CamVid folder.*camvid"):
+        CamVidDataModule()

@@ -8,8 +8,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from lightning_dqa.models import ARCHS, UNet, build_model, cifar_resnet, load_pretrained, mobilenetv2, resnet32
-from lightning_dqa.models.resnet_cifar import PadShortcut
+from lightning_dqa.demos.models import ARCHS, UNet, build_model, cifar_resnet, load_pretrained, mobilenetv2, resnet32
+from lightning_dqa.demos.models.resnet_cifar import PadShortcut
 
 RESNET32_SHA256 = "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

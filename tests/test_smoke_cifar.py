@@ -13,8 +13,8 @@ import pytest
 from lightning.pytorch import Trainer
 
 from lightning_dqa import DQACallback
-from lightning_dqa.data import CIFAR10DataModule
-from lightning_dqa.tasks import ImageClassifier
+from lightning_dqa.demos.data import CIFAR10DataModule
+from lightning_dqa.demos.tasks import ImageClassifier
 
 PAPER = dict(scale_mode="dynamic", code="signed", clipping="none", where="output", first_layer_bits=None)
 

@@ -19,8 +19,8 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 from lightning_dqa import DQACallback
 from lightning_dqa.cli import run_cli
-from lightning_dqa.data import CamVidDataModule, CIFAR10DataModule
-from lightning_dqa.tasks import ImageClassifier, SegmentationModel
+from lightning_dqa.demos.data import CamVidDataModule, CIFAR10DataModule
+from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "examples" / "checkpoints"

@@ -7,9 +7,9 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dqa.data import CamVidDataModule, CIFAR10DataModule
-from lightning_dqa.models import load_pretrained, resnet32
-from lightning_dqa.tasks import ImageClassifier, SegmentationModel
+from lightning_dqa.demos.data import CamVidDataModule, CIFAR10DataModule
+from lightning_dqa.demos.models import load_pretrained, resnet32
+from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
 
 
 def _trainer(**kwargs: object) -> Trainer:

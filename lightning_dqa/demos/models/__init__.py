@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_dqa.models.mobilenetv2 import mobilenetv2
-from lightning_dqa.models.resnet_cifar import (
+from lightning_dqa.demos.models.mobilenetv2 import mobilenetv2
+from lightning_dqa.demos.models.resnet_cifar import (
     CifarResNet,
     cifar_resnet,
     load_pretrained,
@@ -24,7 +24,7 @@ from lightning_dqa.models.resnet_cifar import (
     resnet56,
     resnet110,
 )
-from lightning_dqa.models.unet import UNet, unet
+from lightning_dqa.demos.models.unet import UNet, unet
 
 __all__ = [
     "ARCHS",

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from lightning_dqa.models import build_model, load_pretrained
+from lightning_dqa.demos.models import build_model, load_pretrained
 
 __all__ = ["ImageClassifier", "SegmentationModel"]
 
@@ -64,10 +64,10 @@ class ImageClassifier(LightningModule):
     """Classifier trained with SGD + momentum and cross-entropy; reports top-1 accuracy.
 
     Args:
-        arch: a name of :data:`lightning_dqa.models.ARCHS` (e.g. ``resnet32``, ``mobilenetv2``).
+        arch: a name of :data:`lightning_dqa.demos.models.ARCHS` (e.g. ``resnet32``, ``mobilenetv2``).
         num_classes: number of classes.
         weights: a checkpoint path or http(s) URL loaded into ``net`` (see
-            :func:`lightning_dqa.models.load_pretrained`; ``module.`` and ``net.`` key prefixes are stripped,
+            :func:`lightning_dqa.demos.models.load_pretrained`; ``module.`` and ``net.`` key prefixes are stripped,
             so this module's own Lightning checkpoints load too), or ``None`` for random weights.
         weights_sha256: expected sha256 of ``weights``, checked when given.
         lr: initial learning rate.
@@ -167,7 +167,7 @@ class SegmentationModel(LightningModule):
     """Semantic segmentation trained with AdamW and cross-entropy; reports mIoU and pixel accuracy.
 
     Args:
-        arch: a name of :data:`lightning_dqa.models.ARCHS` that maps images to per-pixel logits (``unet``).
+        arch: a name of :data:`lightning_dqa.demos.models.ARCHS` that maps images to per-pixel logits (``unet``).
         num_classes: number of real classes (11 for CamVid).
         ignore_index: target value left out of the loss and the metrics (11, void, for CamVid).
         in_channels: image channels.

@@ -1,11 +1,11 @@
 """CamVid road-scene segmentation (SegNet's 11-class split at 240x180) as a LightningDataModule.
 
-The folder layout is the one of ``../shared/data/camvid``: ``train.txt``, ``val.txt`` and ``test.txt`` list one
+The folder layout (``root``, or ``$LIGHTNING_DQA_DATA/camvid``): ``train.txt``, ``val.txt`` and ``test.txt`` list one
 ``"image annotation"`` pair of paths per line, relative to the root; images are RGB PNGs, annotations 8-bit PNGs
 whose pixel values are class ids 0..10, with 11 for void (the ignore index).
 
 Example:
-    >>> dm = CamVidDataModule(root="../shared/data/camvid", batch_size=4)  # doctest: +SKIP
+    >>> dm = CamVidDataModule(root="/data/camvid", batch_size=4)  # doctest: +SKIP
     >>> dm.setup("fit")  # doctest: +SKIP
     >>> images, masks = next(iter(dm.train_dataloader()))  # doctest: +SKIP
     >>> images.shape, masks.dtype  # doctest: +SKIP
@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
+
+from lightning_dqa.demos.data.root import resolve_root
 
 __all__ = [
     "CAMVID_CLASSES",
@@ -199,11 +201,45 @@ def _limit(name: str, value: Any) -> None:
         raise ValueError(f"Expected {name} to be a positive int or None, got {value!r}")
 
 
+def _check_args(
+    root: str,
+    batch_size: int,
+    eval_batch_size: int,
+    num_workers: int,
+    limits: dict[str, int | None],
+    scale_range: tuple[float, float] | None,
+    crop_size: tuple[int, int] | None,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> None:
+    """Raise a ``ValueError`` naming the first :class:`CamVidDataModule` argument out of range."""
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected {name} to be a positive int, got {value!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"Expected num_workers to be an int >= 0, got {num_workers!r}")
+    for limit_name, limit in limits.items():
+        _limit(limit_name, limit)
+    if scale_range is not None and (len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]):
+        raise ValueError(f"Expected scale_range to be (low, high) with 0 < low <= high, got {scale_range!r}")
+    if crop_size is not None and (len(crop_size) != 2 or any(int(s) != s or s < 1 for s in crop_size)):
+        raise ValueError(f"Expected crop_size to be (height, width) of positive ints, got {crop_size!r}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f"Expected mean and std to have 3 entries, std > 0, got mean={mean!r}, std={std!r}")
+    missing = [f"{s}.txt" for s in SPLITS if not (Path(root) / f"{s}.txt").is_file()]
+    if missing:
+        raise ValueError(
+            f"Expected root to be the CamVid folder with train.txt, val.txt and test.txt, got root={root!r} "
+            f"(resolved: {Path(root).resolve()}), which lacks {missing}"
+        )
+
+
 class CamVidDataModule(LightningDataModule):
     """CamVid train / val / test loaders (11 classes, void = 11 ignored).
 
     Args:
-        root: the dataset folder (with ``train.txt``, ``val.txt``, ``test.txt``).
+        root: the dataset folder (with ``train.txt``, ``val.txt``, ``test.txt``); ``None`` reads
+            ``$LIGHTNING_DQA_DATA/camvid`` (see :func:`~lightning_dqa.demos.data.root.resolve_root`).
         batch_size: training batch size.
         eval_batch_size: validation / test batch size.
         num_workers: data-loading worker processes.
@@ -217,7 +253,8 @@ class CamVidDataModule(LightningDataModule):
         std: per-channel normalization standard deviation.
 
     Raises:
-        ValueError: for an argument out of range, or a ``root`` without the three list files.
+        ValueError: for an argument out of range, ``root=None`` with ``LIGHTNING_DQA_DATA`` unset, or a ``root``
+            without the three list files.
 
     """
 
@@ -226,7 +263,7 @@ class CamVidDataModule(LightningDataModule):
 
     def __init__(
         self,
-        root: str = "../shared/data/camvid",
+        root: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 8,
         num_workers: int = 0,
@@ -240,25 +277,18 @@ class CamVidDataModule(LightningDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected {name} to be a positive int, got {value!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"Expected num_workers to be an int >= 0, got {num_workers!r}")
-        for limit_name, limit in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
-            _limit(limit_name, limit)
-        if scale_range is not None and (len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]):
-            raise ValueError(f"Expected scale_range to be (low, high) with 0 < low <= high, got {scale_range!r}")
-        if crop_size is not None and (len(crop_size) != 2 or any(int(s) != s or s < 1 for s in crop_size)):
-            raise ValueError(f"Expected crop_size to be (height, width) of positive ints, got {crop_size!r}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"Expected mean and std to have 3 entries, std > 0, got mean={mean!r}, std={std!r}")
-        missing = [f"{s}.txt" for s in SPLITS if not (Path(root) / f"{s}.txt").is_file()]
-        if missing:
-            raise ValueError(
-                f"Expected root to be the CamVid folder with train.txt, val.txt and test.txt, got root={root!r} "
-                f"(resolved: {Path(root).resolve()}), which lacks {missing}"
-            )
+        root = resolve_root(root, "camvid")
+        _check_args(
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            limits={"limit_train": limit_train, "limit_val": limit_val, "limit_test": limit_test},
+            scale_range=scale_range,
+            crop_size=crop_size,
+            mean=mean,
+            std=std,
+        )
         self.save_hyperparameters()
         self.root = root
         self.batch_size = batch_size

@@ -287,7 +287,7 @@ def load_pretrained(
         ValueError: on a sha256 mismatch, or naming the missing / unexpected keys or mismatched shapes.
 
     Example:
-        >>> model = load_pretrained(resnet32(), "../shared/weights/resnet32-d509ac18.th")  # doctest: +SKIP
+        >>> model = load_pretrained(resnet32(), "weights/resnet32-d509ac18.th")  # doctest: +SKIP
 
     """
     if _is_url(path_or_url):

@@ -4,7 +4,7 @@ By default the validation set *is* the test set, as in the DQA paper, which repo
 ``val_split="holdout"`` to hold out part of the training set instead.
 
 Example:
-    >>> dm = CIFAR10DataModule(root="../shared/data/cifar10", limit_test=1000)  # doctest: +SKIP
+    >>> dm = CIFAR10DataModule(root="/data/cifar10", limit_test=1000)  # doctest: +SKIP
     >>> dm.setup("test")  # doctest: +SKIP
     >>> images, labels = next(iter(dm.test_dataloader()))  # (256, 3, 32, 32), (256,)  # doctest: +SKIP
 
@@ -23,9 +23,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10
 
+from lightning_dqa.demos.data.root import resolve_root
+
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10DataModule", "TransformedDataset"]
 
-# The statistics the pretrained ResNet-32 was trained with (ImageNet's), see ../shared/weights/README.md.
+# The statistics the pretrained ResNet-32 was trained with (ImageNet's), per the README of its weights.
 CIFAR10_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 CIFAR10_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 BASE_FOLDER = "cifar-10-batches-py"
@@ -64,11 +66,49 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"Expected {name} to be a positive int{suffix}, got {value!r}")
 
 
+def _check_args(
+    root: str,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    num_workers: int,
+    val_split: str,
+    holdout_size: int,
+    limit_train: int | None,
+    limit_test: int | None,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seed: int,
+) -> None:
+    """Raise a ``ValueError`` naming the first :class:`CIFAR10DataModule` argument out of range."""
+    _positive_int("batch_size", batch_size)
+    _positive_int("eval_batch_size", eval_batch_size)
+    _positive_int("holdout_size", holdout_size)
+    _positive_int("limit_train", limit_train, allow_none=True)
+    _positive_int("limit_test", limit_test, allow_none=True)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"Expected num_workers to be an int >= 0, got {num_workers!r}")
+    if val_split not in ("test", "holdout"):
+        raise ValueError(f"Expected val_split to be one of ['test', 'holdout'], got {val_split!r}")
+    if val_split == "holdout" and holdout_size >= TRAIN_SIZE:
+        raise ValueError(f"Expected holdout_size < {TRAIN_SIZE} (the training set), got {holdout_size}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f"Expected mean and std to have 3 entries, std > 0, got mean={mean!r}, std={std!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"Expected seed to be an int, got {seed!r}")
+    if not download and not (Path(root) / BASE_FOLDER).is_dir():
+        raise ValueError(
+            f"Expected root to contain {BASE_FOLDER}/, got root={root!r} (resolved: {Path(root).resolve()}); "
+            "point root at the folder holding it, or pass download=True to fetch CIFAR-10"
+        )
+
+
 class CIFAR10DataModule(LightningDataModule):
     """CIFAR-10 train / val / test loaders and calibration subsets.
 
     Args:
-        root: folder that holds ``cifar-10-batches-py/``.
+        root: folder that holds ``cifar-10-batches-py/``; ``None`` reads ``$LIGHTNING_DQA_DATA/cifar10`` (see
+            :func:`~lightning_dqa.demos.data.root.resolve_root`).
         download: passed to ``torchvision.datasets.CIFAR10``; it verifies the files present and fetches the
             archive only when they are missing or corrupted.
         batch_size: training batch size.
@@ -88,14 +128,14 @@ class CIFAR10DataModule(LightningDataModule):
         seed: seed of the holdout split and the default seed of :meth:`calibration_subset`.
 
     Raises:
-        ValueError: for an argument out of range, or a ``root`` without ``cifar-10-batches-py`` when
-            ``download=False``.
+        ValueError: for an argument out of range, ``root=None`` with ``LIGHTNING_DQA_DATA`` unset, or a ``root``
+            without ``cifar-10-batches-py`` when ``download=False``.
 
     """
 
     def __init__(
         self,
-        root: str = "../shared/data/cifar10",
+        root: str | None = None,
         download: bool = False,
         batch_size: int = 128,
         eval_batch_size: int = 256,
@@ -111,26 +151,21 @@ class CIFAR10DataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _positive_int("batch_size", batch_size)
-        _positive_int("eval_batch_size", eval_batch_size)
-        _positive_int("holdout_size", holdout_size)
-        _positive_int("limit_train", limit_train, allow_none=True)
-        _positive_int("limit_test", limit_test, allow_none=True)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"Expected num_workers to be an int >= 0, got {num_workers!r}")
-        if val_split not in ("test", "holdout"):
-            raise ValueError(f"Expected val_split to be one of ['test', 'holdout'], got {val_split!r}")
-        if val_split == "holdout" and holdout_size >= TRAIN_SIZE:
-            raise ValueError(f"Expected holdout_size < {TRAIN_SIZE} (the training set), got {holdout_size}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"Expected mean and std to have 3 entries, std > 0, got mean={mean!r}, std={std!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Expected seed to be an int, got {seed!r}")
-        if not download and not (Path(root) / BASE_FOLDER).is_dir():
-            raise ValueError(
-                f"Expected root to contain {BASE_FOLDER}/, got root={root!r} (resolved: {Path(root).resolve()}); "
-                "point root at the folder holding it, or pass download=True to fetch CIFAR-10"
-            )
+        root = resolve_root(root, "cifar10")
+        _check_args(
+            root=root,
+            download=download,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            val_split=val_split,
+            holdout_size=holdout_size,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            mean=mean,
+            std=std,
+            seed=seed,
+        )
         self.save_hyperparameters()
         self.root = root
         self.download = download
