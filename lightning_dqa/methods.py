@@ -97,7 +97,7 @@ def _noisyquant_factory(config: DQAConfig) -> QuantizerFactory:
 def _noisyquant_step(ctx: MethodContext) -> None:
     """Search each layer's clip, noise range and shift on its kept calibration inputs."""
     from lightning_dqa.attach import find_quant_points
-    from lightning_dqa.noisyquant import search_noisyquant
+    from lightning_dqa.noisyquant_search import search_noisyquant
 
     points = {p.name: p for p in find_quant_points(ctx.model, ctx.config)}
     for name, q in ctx.quantizers.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -44,3 +45,15 @@ def camvid_root(shared_dir: Path) -> Path:
 def resnet32_weights(shared_dir: Path) -> Path:
     """The pretrained CIFAR-10 ResNet-32 checkpoint."""
     return _require(shared_dir / "weights" / "resnet32-d509ac18.th", "the ResNet-32 weights")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine (restored afterwards).
+
+    Modules that use it say so with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

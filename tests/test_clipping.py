@@ -10,14 +10,7 @@ from hypothesis import strategies as st
 from lightning_dqa import functional as F
 from lightning_dqa.clipping import CLIP_RATIOS, clip_max
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def data(c: int = 5, k: int = 400, seed: int = 0, heavy: bool = True) -> torch.Tensor:

@@ -13,14 +13,7 @@ from lightning_dqa.attach import quantizers_of
 from lightning_dqa.clipping import clip_max
 from lightning_dqa.engine import calibrate, default_batch_size, prepare, set_quantizers_enabled
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class TinyNet(nn.Module):

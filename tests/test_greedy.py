@@ -18,14 +18,7 @@ from lightning_dqa.quantizers import ActivationQuantizer
 from lightning_dqa.replicas import quantize_replicas as _quantize_replicas
 from lightning_dqa.selection import important_mask
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread, because OpenMP synchronisation dominates them (10x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------------------------- models

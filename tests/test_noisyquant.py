@@ -16,12 +16,8 @@ from lightning_dqa import functional as F
 from lightning_dqa.attach import attach_quantizers, find_quant_points, quantizers_of
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
-from lightning_dqa.noisyquant import (
-    NoisyQuantizer,
-    noise_draw,
-    noisyquant_factory,
-    search_noisyquant,
-)
+from lightning_dqa.noisyquant import NoisyQuantizer, noise_draw, noisyquant_factory
+from lightning_dqa.noisyquant_search import search_noisyquant
 from lightning_dqa.quantizers import ActivationQuantizer
 
 f32 = np.float32

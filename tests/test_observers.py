@@ -7,14 +7,7 @@ import torch
 
 from lightning_dqa.observers import ChannelStats, ChannelStatsObserver
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

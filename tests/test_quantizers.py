@@ -12,14 +12,7 @@ from torch import nn
 from lightning_dqa import functional as F
 from lightning_dqa.quantizers import ActivationQuantizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 f32 = np.float32

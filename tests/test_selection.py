@@ -10,14 +10,7 @@ from hypothesis import strategies as st
 from lightning_dqa.observers import ChannelStats, ChannelStatsObserver
 from lightning_dqa.selection import GRADIENT_RANKINGS, RANKINGS, important_mask, rank_channels
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:
