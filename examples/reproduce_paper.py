@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lightning_dqa import DQACallback
+from lightning_dqa.config import PAPER_QUANTIZER
 from lightning_dqa.demos.data import CIFAR10DataModule
 from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
 
@@ -39,14 +40,7 @@ DEFAULT_WEIGHTS = SHARED / "weights" / "resnet32-d509ac18.th"
 DEFAULT_DATA = SHARED / "data" / "cifar10"
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "paper": dict(
-        scale_mode="dynamic",
-        code="signed",
-        clipping="none",
-        where="output",
-        first_layer_bits=None,
-        last_layer_bits=None,
-    ),
+    "paper": dict(PAPER_QUANTIZER),
     "default": dict(scale_mode="static", code="auto", clipping="mse", where="input", first_layer_bits=8),
 }
 

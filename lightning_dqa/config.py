@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["CODES", "PAPER_SETTING", "SCALE_MODES", "WHERE", "DQAConfig", "paper_config"]
+__all__ = ["CODES", "PAPER_QUANTIZER", "PAPER_SETTING", "SCALE_MODES", "WHERE", "DQAConfig", "paper_config"]
 
 Method = Literal["dqa", "direct", "noisyquant", "fp32"]
 ScaleMode = Literal["dynamic", "static", "learnable"]
@@ -191,11 +191,7 @@ class DQAConfig:
         return d
 
 
-PAPER_SETTING: dict[str, Any] = dict(
-    extra_bits=3,
-    ratio=0.4,
-    method="dqa",
-    ranking="greedy",
+PAPER_QUANTIZER: dict[str, Any] = dict(
     scale_mode="dynamic",
     code="signed",
     clipping="none",
@@ -203,11 +199,12 @@ PAPER_SETTING: dict[str, Any] = dict(
     first_layer_bits=None,
     last_layer_bits=None,
 )
-"""The paper's exact setting (``DQA_METHOD.md`` sections 2-5), every field but ``bits``; defined here only.
+"""How the paper quantizes (``DQA_METHOD.md`` sections 2 and 5): dynamic per-channel maxima, signed codes, no
+clipping, every Conv2d and Linear *output* quantized, first and last layers included."""
 
-Dynamic per-channel maxima, signed codes, no clipping, every Conv2d and Linear *output* quantized (first and
-last layers included), ``r = 0.4``, ``m = 3`` and the greedy ranking, as in the extended version.
-"""
+PAPER_SETTING: dict[str, Any] = {**PAPER_QUANTIZER, "extra_bits": 3, "ratio": 0.4, "method": "dqa", "ranking": "greedy"}
+"""The paper's exact setting, every field but ``bits``: :data:`PAPER_QUANTIZER` with ``r = 0.4``, ``m = 3`` and
+the greedy ranking, as in the extended version (``DQA_METHOD.md`` sections 3-4). Defined here only."""
 
 
 def paper_config(bits: int, **changes: Any) -> DQAConfig:

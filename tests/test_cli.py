@@ -95,3 +95,17 @@ def test_console_entry_point_exits_zero(tiny_config, tmp_path, monkeypatch):
     argv = ["lightning-dqa", "validate", "--config", str(tiny_config), "--trainer.default_root_dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     assert console_main() is None  # setuptools wraps it as sys.exit(main()): None means status 0
+
+
+def test_paper_yaml_is_the_paper_setting():
+    """YAML cannot import PAPER_SETTING, so the shipped paper config is checked against it field by field."""
+    import dataclasses
+
+    from lightning_dqa import DQAConfig
+    from lightning_dqa.config import PAPER_SETTING
+
+    config = yaml.safe_load((REPO / "examples" / "configs" / "resnet32_cifar10_paper.yaml").read_text())
+    (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DQACallback")]
+    args = callback["init_args"]
+    defaults = {f.name: f.default for f in dataclasses.fields(DQAConfig)}
+    assert {k: args.get(k, defaults[k]) for k in PAPER_SETTING} == PAPER_SETTING

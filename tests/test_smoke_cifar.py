@@ -13,10 +13,11 @@ import pytest
 from lightning.pytorch import Trainer
 
 from lightning_dqa import DQACallback
+from lightning_dqa.config import PAPER_QUANTIZER
 from lightning_dqa.demos.data import CIFAR10DataModule
 from lightning_dqa.demos.tasks import ImageClassifier
 
-PAPER = dict(scale_mode="dynamic", code="signed", clipping="none", where="output", first_layer_bits=None)
+PAPER = PAPER_QUANTIZER
 
 
 def _accuracy(cifar_root: Path, weights: Path, **kw) -> tuple[float, float]:

@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 from lightning_dqa import DQACallback
 from lightning_dqa.cli import run_cli
+from lightning_dqa.config import PAPER_QUANTIZER
 from lightning_dqa.demos.data import CamVidDataModule, CIFAR10DataModule
 from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
 
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "examples" / "checkpoints"
 MOBILENET = CHECKPOINTS / "mobilenetv2_w050_cifar10.pt"
 UNET = CHECKPOINTS / "unet_w16_camvid.pt"
-PAPER = dict(scale_mode="dynamic", code="signed", clipping="none", where="output", first_layer_bits=None)
+PAPER = PAPER_QUANTIZER
 
 
 def _score(
