@@ -140,7 +140,7 @@ class GraphSearch:
         layers = {name: _layer_of(q, model, name) for name, q in quantizers.items()}
         names = [n for n in order if not quantizers[n].passthrough]
         counts, inputs = _count_calls(model, {n: layers[n] for n in names}, probe_batch, forward_fn)
-        with as_unsupported("tracing"):
+        with as_unsupported("tracing"):  # the model has just run: a failure here is the tracer's, not the model's
             gm = fx.GraphModule(model, _LeafTracer({id(m) for m in layers.values()}).trace(model))
         search = cls(gm, quantizers, model)
         for name in names:
