@@ -10,6 +10,7 @@ from lightning_dqa.checkpoint import load_quantized
 from lightning_dqa.config import DQAConfig, paper_config
 from lightning_dqa.engine import calibrate, prepare
 from lightning_dqa.export import apply_artifact, export_artifact
+from lightning_dqa.lightning_checkpoint import register_instantiators
 
 if TYPE_CHECKING:
     from lightning_dqa.callback import DQACallback
@@ -25,6 +26,8 @@ __all__ = [
     "prepare",
 ]
 __version__ = "0.1.0"
+
+register_instantiators()  # MyModule.load_from_checkpoint(path) of a quantized checkpoint, without the callback
 
 
 def __getattr__(name: str) -> Any:

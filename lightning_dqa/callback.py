@@ -34,6 +34,7 @@ from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_quantizer_layout
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.distributed import rank_shard, strategy_broadcast, strategy_reducer
 from lightning_dqa.engine import CalibrationReport, calibrate, prepare, set_quantizers_enabled
+from lightning_dqa.lightning_checkpoint import mark_checkpoint
 from lightning_dqa.meter import MemoryMeter
 from lightning_dqa.progress import CalibrationProgress
 
@@ -167,6 +168,12 @@ class DQACallback(Callback):
         # quantizer entries). Loading is made lenient here and checked strictly in on_load_checkpoint.
         self._user_strict = pl_module.strict_loading
         pl_module.strict_loading = False
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Name the quantized instantiator, so ``MyModule.load_from_checkpoint(path)`` needs no callback."""
+        mark_checkpoint(checkpoint)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -21,6 +21,7 @@ from lightning_dqa.attach import QuantPoint, find_quant_points, layer_bits
 from lightning_dqa.codec import MAX_CODE_LENGTH, HuffmanCodebook
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.fields import fail, read_int_list, show
+from lightning_dqa.methods import get_method
 from lightning_dqa.quantizers import ActivationQuantizer
 
 __all__ = ["FORMAT", "FORMATS", "MAX_BYTES", "check_artifact", "read_artifact", "template_quantizers"]
@@ -100,27 +101,8 @@ def read_config(data: Mapping[str, Any]) -> DQAConfig:
 
 def template_quantizers(points: list[QuantPoint], config: DQAConfig) -> dict[str, ActivationQuantizer]:
     """Uncalibrated quantizers, as :func:`lightning_dqa.engine.prepare` would install them, but not installed."""
-    factory = None
-    if config.method == "noisyquant":
-        from lightning_dqa.noisyquant import noisyquant_factory
-
-        factory = noisyquant_factory(config)
-    out: dict[str, ActivationQuantizer] = {}
-    for i, p in enumerate(points):
-        bits = layer_bits(config, i, len(points))
-        if factory is not None:
-            out[p.name] = factory(p, bits)
-            continue
-        out[p.name] = ActivationQuantizer(
-            p.num_channels,
-            bits=bits,
-            extra_bits=config.extra_bits,
-            scale_mode=config.scale_mode,
-            signed=config.code != "unsigned",
-            channel_dim=p.channel_dim,
-            name=p.name,
-        )
-    return out
+    build = get_method(config.method).factory(config)
+    return {p.name: build(p, layer_bits(config, i, len(points))) for i, p in enumerate(points)}
 
 
 def _code_lengths(layer: Mapping[str, Any], m: int, owner: str) -> list[int]:
