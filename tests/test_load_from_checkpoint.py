@@ -72,10 +72,13 @@ def test_importing_lightning_dqa_before_or_after_lightning_allows_the_load(tmp_p
     imports = ["import lightning_dqa", "import lightning.pytorch"]
     if order == "lightning_first":
         imports.reverse()
-    code = "\n".join(
-        [*imports, "from tiny import TinyNet", f"m = TinyNet.load_from_checkpoint({str(ckpt)!r})"]
-        + ["from lightning_dqa.attach import quantizers_of", "print(all(q.enabled for q in quantizers_of(m).values()))"]
-    )
+    load = [
+        "from tiny import TinyNet",
+        f"m = TinyNet.load_from_checkpoint({str(ckpt)!r})",
+        "from lightning_dqa.attach import quantizers_of",
+        "print(all(q.enabled for q in quantizers_of(m).values()))",
+    ]
+    code = "\n".join([*imports, *load])
     done = _run(code)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "True"
