@@ -34,6 +34,7 @@ from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_quantizer_layout
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.distributed import rank_shard, strategy_broadcast, strategy_reducer
 from lightning_dqa.engine import CalibrationReport, calibrate, prepare, set_quantizers_enabled
+from lightning_dqa.finite import FiniteWatch
 from lightning_dqa.lightning_checkpoint import mark_checkpoint
 from lightning_dqa.meter import MemoryMeter
 from lightning_dqa.progress import CalibrationProgress
@@ -66,6 +67,8 @@ class DQACallback(Callback):
             next to the user's own quantized metric.
         export_path: write the deployment artifact (:mod:`lightning_dqa.export`) there after calibration.
         verbose: print the calibration summary table.
+        check_finite: at the end of each validation / test epoch, raise if NaN or Inf reached a quantized
+            layer (named); one device-side reduction per layer and forward, read once per epoch.
 
     Raises:
         ValueError: at construction, for any invalid argument (the message names it).
@@ -102,6 +105,7 @@ class DQACallback(Callback):
         fp32_baseline: bool = False,
         export_path: str | None = None,
         verbose: bool = True,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         args = locals()
@@ -113,7 +117,11 @@ class DQACallback(Callback):
             greedy_objective=greedy_objective,
             ignore_index=ignore_index,
             flags=dict(
-                measure_memory=measure_memory, log_per_layer=log_per_layer, fp32_baseline=fp32_baseline, verbose=verbose
+                measure_memory=measure_memory,
+                log_per_layer=log_per_layer,
+                fp32_baseline=fp32_baseline,
+                verbose=verbose,
+                check_finite=check_finite,
             ),
             export_path=export_path,
         )
@@ -127,6 +135,8 @@ class DQACallback(Callback):
         self.fp32_baseline = fp32_baseline
         self.export_path = export_path
         self.verbose = verbose
+        self.check_finite = check_finite
+        self._watch: FiniteWatch | None = None
         self.report: CalibrationReport | None = None
         self.fp32_metric: float | None = None
         self._meter: MemoryMeter | None = None
@@ -163,7 +173,11 @@ class DQACallback(Callback):
             )
         if not quantizers_of(pl_module):
             prepare(pl_module, self.config)
+        for old in (self._meter, self._watch):  # a Trainer re-runs setup for each stage: one set of hooks
+            if old is not None:
+                old.remove()
         self._meter = MemoryMeter(pl_module) if self.measure_memory else None
+        self._watch = FiniteWatch(pl_module) if self.check_finite else None
         # Lightning loads checkpoint weights after this hook; the checkpoint may be full precision (no
         # quantizer entries). Loading is made lenient here and checked strictly in on_load_checkpoint.
         self._user_strict = pl_module.strict_loading
@@ -251,8 +265,9 @@ class DQACallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Stop measuring (the quantizers stay installed and calibrated on the module)."""
-        if self._meter is not None:
-            self._meter.active = False
+        for watcher in (self._meter, self._watch):
+            if watcher is not None:
+                watcher.active = False
 
     # ------------------------------------------------------------------ extension points
     def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
@@ -387,13 +402,20 @@ class DQACallback(Callback):
         self.fp32_metric = float(correct / total.clamp(min=1))
 
     def _reset_meter(self) -> None:
-        if self._meter is not None:
-            self._meter.reset()
-            self._meter.active = True
+        for watcher in (self._meter, self._watch):
+            if watcher is not None:
+                watcher.reset()
+                watcher.active = True
 
     def _log_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        bad = self._watch.bad_layers() if self._watch is not None and self._calibrated(pl_module) else []
+        if bad:
+            raise ValueError(
+                f"DQACallback: NaN or Inf activations reached the quantized layers {bad} during evaluation; check "
+                f"the inputs and the model (or pass check_finite=False to skip this check)"
+            )
         if self.fp32_metric is not None:
             pl_module.log("dqa/fp32_acc", self.fp32_metric, sync_dist=False)
         if self._meter is None or not self._calibrated(pl_module) or not self._meter.has_data():

@@ -202,3 +202,28 @@ def test_calibration_shows_in_whichever_progress_bar_the_trainer_has(monkeypatch
         callbacks.append(bar())
     trainer(callbacks=callbacks, **extra).validate(BareNet(), dataloaders=loader())
     assert RecordingProgress.kinds == [kind]
+
+
+class NaNAfterCalibration(BareNet):
+    """Feeds NaN into the second conv at evaluation time, after calibration saw clean data."""
+
+    poison = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net[:3](x)
+        if self.poison:
+            x = x.clone()
+            x[:, 0] = float("nan")
+        return self.net[3:](x)
+
+
+def test_nonfinite_activations_at_evaluation_are_named_by_layer():
+    model = NaNAfterCalibration()
+    cb = DQACallback(bits=4, calibration_samples=64, calibration_source="val", measure_memory=False)
+    t = trainer(callbacks=[cb])
+    t.validate(model, dataloaders=loader())
+    model.poison = True
+    with pytest.raises(ValueError, match=r"NaN or Inf activations reached the quantized layers \['net\.3'"):
+        t.validate(model, dataloaders=loader())
+    cb_off = DQACallback(bits=4, calibration_samples=64, calibration_source="val", check_finite=False)
+    trainer(callbacks=[cb_off]).validate(model, dataloaders=loader())  # switched off: no error
