@@ -22,14 +22,19 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_dqa.attach import quantizers_of
-from lightning_dqa.callback_data import check_lifecycle_args, find_calibration_loader, primary_output, split_batch
+from lightning_dqa.callback_data import (
+    check_lifecycle_args,
+    find_calibration_loader,
+    fp32_accuracy,
+    primary_output,
+    split_batch,
+)
 from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_quantizer_layout
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.distributed import rank_shard, strategy_broadcast, strategy_reducer
@@ -110,21 +115,7 @@ class DQACallback(Callback):
         super().__init__()
         args = locals()
         self.config = DQAConfig(**{f.name: args[f.name] for f in dataclasses.fields(DQAConfig)})
-        check_lifecycle_args(
-            calibration_samples=calibration_samples,
-            calibration_source=calibration_source,
-            delay_steps=delay_steps,
-            greedy_objective=greedy_objective,
-            ignore_index=ignore_index,
-            flags=dict(
-                measure_memory=measure_memory,
-                log_per_layer=log_per_layer,
-                fp32_baseline=fp32_baseline,
-                verbose=verbose,
-                check_finite=check_finite,
-            ),
-            export_path=export_path,
-        )
+        check_lifecycle_args(args)
         self.calibration_samples = calibration_samples
         self.calibration_source = calibration_source
         self.delay_steps = delay_steps
@@ -376,30 +367,12 @@ class DQACallback(Callback):
 
             export_artifact(pl_module, self.export_path, self.config)
 
-    @torch.no_grad()
     def _evaluate_fp32(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
-        if loader is None:
-            return
-        set_quantizers_enabled(pl_module, False)
-        was_training = pl_module.training
-        pl_module.eval()
-        correct = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-        total = torch.zeros_like(correct)
-        for batch in loader:
-            batch = trainer.strategy.batch_to_device(batch)
-            x, y = self.split_batch(batch)
-            if y is None:
-                return
-            pred = primary_output(pl_module(x)).argmax(dim=1)
-            valid = y != self.ignore_index
-            correct += ((pred == y) & valid).sum()
-            total += valid.sum()
-        correct = trainer.strategy.reduce(correct, reduce_op="sum")
-        total = trainer.strategy.reduce(total, reduce_op="sum")
-        pl_module.train(was_training)
-        self.fp32_metric = float(correct / total.clamp(min=1))
+        if loader is not None:
+            set_quantizers_enabled(pl_module, False)
+            self.fp32_metric = fp32_accuracy(trainer, pl_module, loader, self.split_batch, self.ignore_index)
 
     def _reset_meter(self) -> None:
         for watcher in (self._meter, self._watch):

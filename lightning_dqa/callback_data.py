@@ -9,20 +9,23 @@ cover the common ones and fail with a message that lists what was found and what
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 __all__ = [
     "INPUT_KEYS",
+    "LIFECYCLE_FLAGS",
     "OUTPUT_KEYS",
     "TARGET_KEYS",
     "check_lifecycle_args",
     "find_calibration_loader",
+    "fp32_accuracy",
     "primary_output",
     "split_batch",
 ]
@@ -35,16 +38,15 @@ OUTPUT_KEYS: tuple[str, ...] = ("logits", "out", "output", "outputs", "pred", "p
 """Keys of a dict output taken as the logits, in order of preference."""
 
 
-def check_lifecycle_args(
-    calibration_samples: Any,
-    calibration_source: Any,
-    delay_steps: Any,
-    greedy_objective: Any,
-    ignore_index: Any,
-    flags: dict[str, Any],
-    export_path: Any,
-) -> None:
+LIFECYCLE_FLAGS: tuple[str, ...] = ("measure_memory", "log_per_layer", "fp32_baseline", "verbose", "check_finite")
+"""The callback's on/off arguments."""
+
+
+def check_lifecycle_args(args: Mapping[str, Any]) -> None:
     """Validate the callback's own (non-quantization) arguments; each error names argument, rule and value.
+
+    Args:
+        args: the callback's constructor arguments by name.
 
     Raises:
         ValueError: for the first invalid argument.
@@ -54,19 +56,21 @@ def check_lifecycle_args(
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    if not is_int(calibration_samples) or calibration_samples < 1:
-        raise ValueError(f"Expected calibration_samples to be a positive int, got {calibration_samples!r}")
-    if calibration_source not in ("train", "val"):
-        raise ValueError(f"Expected calibration_source to be 'train' or 'val', got {calibration_source!r}")
-    if not is_int(delay_steps) or delay_steps < 0:
-        raise ValueError(f"Expected delay_steps to be a non-negative int, got {delay_steps!r}")
-    if greedy_objective not in ("accuracy", "loss"):
-        raise ValueError(f"Expected greedy_objective to be 'accuracy' or 'loss', got {greedy_objective!r}")
+    samples, source, delay = args["calibration_samples"], args["calibration_source"], args["delay_steps"]
+    objective, ignore_index, export_path = args["greedy_objective"], args["ignore_index"], args["export_path"]
+    if not is_int(samples) or samples < 1:
+        raise ValueError(f"Expected calibration_samples to be a positive int, got {samples!r}")
+    if source not in ("train", "val"):
+        raise ValueError(f"Expected calibration_source to be 'train' or 'val', got {source!r}")
+    if not is_int(delay) or delay < 0:
+        raise ValueError(f"Expected delay_steps to be a non-negative int, got {delay!r}")
+    if objective not in ("accuracy", "loss"):
+        raise ValueError(f"Expected greedy_objective to be 'accuracy' or 'loss', got {objective!r}")
     if not is_int(ignore_index):
         raise ValueError(f"Expected ignore_index to be an int (a target value to ignore), got {ignore_index!r}")
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"Expected {name} to be a bool, got {value!r}")
+    for name in LIFECYCLE_FLAGS:
+        if not isinstance(args[name], bool):
+            raise ValueError(f"Expected {name} to be a bool, got {args[name]!r}")
     if export_path is not None and (not isinstance(export_path, str | os.PathLike) or not str(export_path)):
         raise ValueError(f"Expected export_path to be a non-empty path string or None, got {export_path!r}")
 
@@ -202,3 +206,33 @@ def find_calibration_loader(
         + "; ".join(failures or ["nothing"])
         + ". Give the datamodule or module a train_dataloader()/val_dataloader(), or pass loaders to the Trainer"
     )
+
+
+@torch.no_grad()
+def fp32_accuracy(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    loader: Iterable[Any],
+    split: Callable[[Any], tuple[Any, Tensor | None]],
+    ignore_index: int,
+) -> float | None:
+    """Top-1 accuracy of ``argmax(dim=1)`` over ``loader``, reduced over ranks; ``None`` when batches lack targets.
+
+    The module runs as it is (the caller switches its quantizers off) in eval mode; its mode is restored.
+    """
+    was_training = pl_module.training
+    pl_module.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # (correct, total, ranks lacking targets)
+    try:
+        for batch in loader:
+            x, y = split(trainer.strategy.batch_to_device(batch))
+            if y is None:
+                counts[2] = 1.0  # every rank must still reach the reduce below
+                break
+            valid = y != ignore_index
+            counts[0] += ((primary_output(pl_module(x)).argmax(dim=1) == y) & valid).sum()
+            counts[1] += valid.sum()
+    finally:
+        pl_module.train(was_training)
+    correct, total, lacking = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+    return None if lacking else correct / max(total, 1.0)
