@@ -211,8 +211,9 @@ def load_quantized(
         ValueError: when the file is refused by ``weights_only``, the checkpoint is malformed, neither
             ``config`` nor the checkpoint gives the settings, or the layouts do not match.
 
-    Example:
-        >>> model = load_quantized(ImageClassifier(), "last.ckpt")  # doctest: +SKIP
+    Example::
+
+        model = load_quantized(ImageClassifier(), "last.ckpt")
     """
     from lightning_dqa.engine import prepare
     from lightning_dqa.export.schema import template_quantizers

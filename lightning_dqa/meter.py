@@ -29,8 +29,16 @@ class MemoryMeter:
         model: a model with quantizers installed.
 
     Example:
-        >>> meter = MemoryMeter(model)  # doctest: +SKIP
-        >>> meter.active = True; model(x); meter.compute()["bits_per_value"]  # doctest: +SKIP
+        >>> from lightning_dqa import DQAConfig, calibrate, prepare
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+        >>> config = DQAConfig(bits=4, ranking="energy", first_layer_bits=None)
+        >>> _ = prepare(net, config)
+        >>> x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        >>> _ = calibrate(net, config, [x], forward_fn=lambda m, b: m(b))
+        >>> meter = MemoryMeter(net); meter.build_codebooks(); meter.active = True
+        >>> _ = net(x)
+        >>> 4.0 < meter.compute()["bits_per_value"] < 4.0 + 0.4 * 3 + 0.1  # n + r * m at most, plus code books
+        True
     """
 
     def __init__(self, model: nn.Module) -> None:

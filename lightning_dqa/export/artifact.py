@@ -110,8 +110,9 @@ def apply_artifact(
         ValueError: naming the layer, the field, the rule and the value, for any malformed artifact or one
             that does not match the model (layers missing on either side, other channel counts or widths).
 
-    Example:
-        >>> net = apply_artifact(TinyNet(), "dqa.json")  # doctest: +SKIP
+    Example::
+
+        net = apply_artifact(TinyNet(), "dqa.json")
     """
     view = prefixed(model, state_dict_prefix)
     data = _from_mapping(artifact) if isinstance(artifact, Mapping) else read_artifact(artifact)
