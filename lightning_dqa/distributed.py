@@ -25,9 +25,10 @@ def strategy_reducer(strategy: Any, world: int) -> Callable[[Tensor, str], Tenso
     def reducer(t: Tensor, op: str) -> Tensor:
         if world == 1:
             return t
-        if op == "cat":
-            return _gather_cat(strategy, t)
-        return strategy.reduce(t.clone(), reduce_op=_OPS[op])
+        home = t.device  # collectives run on the strategy's device (NCCL takes no CPU tensors)
+        t = t.to(strategy.root_device)
+        out = _gather_cat(strategy, t) if op == "cat" else strategy.reduce(t.clone(), reduce_op=_OPS[op])
+        return out.to(home)
 
     return reducer
 

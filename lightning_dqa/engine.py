@@ -185,6 +185,7 @@ def calibrate(
             if config.selects_channels:
                 inputs = RankInputs(stats, order, config.seed, model, quantizers, collected.batches, forward_fn)
                 inputs.objective_fn, inputs.progress = objective_fn, rank_progress
+                inputs.reduce_sum = None if reducer is None else (lambda t: reducer(t, "sum"))
                 select_channels(quantizers, stats, config, inputs)
             if method.step is not None:
                 method.step(MethodContext(model, config, quantizers, collected.inputs))

@@ -60,6 +60,7 @@ def greedy_rank(
     progress: ProgressFn | None = None,
     fast: bool = True,
     samples_per_pass: int | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Score every channel of every layer with the paper's greedy search (higher is more important).
 
@@ -84,6 +85,8 @@ def greedy_rank(
             candidates share a pass (at least 1). ``None`` sizes each layer's passes so that the largest
             tensor they compute holds about :data:`DEFAULT_PASS_BYTES` (more candidates per pass for layers
             whose downstream activations are small).
+        reduce: sums a layer's ``(C,)`` scores over distributed ranks (each rank scores its own batches), so
+            every rank keeps the same best channel; ``None`` on a single process.
 
     Returns:
         ``(C,)`` float64 scores on the CPU for every name in ``order``: the objective summed over all
@@ -120,7 +123,8 @@ def greedy_rank(
     saved = {name: (q.enabled, q.fp_mask) for name, q in quantizers.items()}
     was_training = model.training
     total = sum(quantizers[n].num_channels for n in order if not quantizers[n].passthrough)
-    task = _Task(model, batches, forward_fn, objective_fn, samples_per_pass, _Progress(progress, total))
+    tracker = _Progress(progress, total)
+    task = _Task(model, batches, forward_fn, objective_fn, samples_per_pass, tracker, reduce)
     model.eval()
     try:
         for q in quantizers.values():
@@ -165,6 +169,7 @@ class _Task:
     objective_fn: ObjectiveFn
     samples_per_pass: int | None
     tracker: _Progress
+    reduce: Callable[[Tensor], Tensor] | None = None
 
 
 def _build_search(task: _Task, quantizers: dict[str, ActivationQuantizer], order: Sequence[str]) -> GraphSearch | None:
@@ -206,6 +211,8 @@ def _walk_layers(
                 search = None
         if layer_scores is None:
             layer_scores = _reference_layer_scores(task, q)
+        if task.reduce is not None:  # distributed: every rank scores its own batches; the sums add up
+            layer_scores = task.reduce(layer_scores)
         scores[name] = layer_scores
         q.fp_mask = _one_hot(q, _best_channel(layer_scores))
         q.enabled = True

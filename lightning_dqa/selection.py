@@ -57,6 +57,7 @@ class RankInputs:
         forward_fn: ``forward_fn(model, batch)`` runs the model.
         objective_fn: ``objective_fn(output, batch)``, the summed score of a batch (higher is better).
         progress: ``progress(done, total)`` in candidate channels, for long searches.
+        reduce_sum: sums a tensor over distributed ranks (searches score each rank's batches), or ``None``.
 
     """
 
@@ -69,6 +70,7 @@ class RankInputs:
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
     objective_fn: Callable[[Any, Any], Any] | None = None
     progress: Callable[[int, int], None] | None = None
+    reduce_sum: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def _greedy(inputs: RankInputs) -> dict[str, Tensor]:
         inputs.forward_fn,
         inputs.objective_fn,
         progress=inputs.progress,
+        reduce=inputs.reduce_sum,
     )
 
 
