@@ -5,51 +5,9 @@ read their folder from ``root`` or, when it is ``None``, from the ``LIGHTNING_DQ
 (a folder holding ``cifar10/`` and ``camvid/``).
 """
 
-from lightning_dqa.demos.data import (
-    DATA_ENV_VAR,
-    CamVidDataModule,
-    CamVidDataset,
-    CIFAR10DataModule,
-    JointTransform,
-    resolve_root,
-)
-from lightning_dqa.demos.models import (
-    ARCHS,
-    CifarResNet,
-    UNet,
-    build_model,
-    cifar_resnet,
-    load_pretrained,
-    mobilenetv2,
-    resnet20,
-    resnet32,
-    resnet44,
-    resnet56,
-    resnet110,
-    unet,
-)
-from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
+from lightning_dqa.demos import data, models, tasks
+from lightning_dqa.demos.data import *  # noqa: F403  (re-exports data.__all__)
+from lightning_dqa.demos.models import *  # noqa: F403  (re-exports models.__all__)
+from lightning_dqa.demos.tasks import *  # noqa: F403  (re-exports tasks.__all__)
 
-__all__ = [
-    "ARCHS",
-    "DATA_ENV_VAR",
-    "CIFAR10DataModule",
-    "CamVidDataModule",
-    "CamVidDataset",
-    "CifarResNet",
-    "ImageClassifier",
-    "JointTransform",
-    "SegmentationModel",
-    "UNet",
-    "build_model",
-    "cifar_resnet",
-    "load_pretrained",
-    "mobilenetv2",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-    "resolve_root",
-    "unet",
-]
+__all__ = sorted([*data.__all__, *models.__all__, *tasks.__all__])

@@ -55,12 +55,58 @@ def _to_channels_last(x: Tensor) -> Tensor:
 torch.fx.wrap("_to_channels_last")
 
 
-def _check_schedule(schedule: str) -> None:
+def _check_schedule_and_lr(schedule: str, lr: float) -> None:
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"Expected schedule to be one of ['cosine', 'constant'], got {schedule!r}")
+    if not lr > 0:
+        raise ValueError(f"Expected lr to be > 0, got {lr!r}")
 
 
-class ImageClassifier(LightningModule):
+class _Task(LightningModule):
+    """What both tasks share: the network in ``net``, the training and predict steps and the optimizer's schedule.
+
+    A subclass saves its hyperparameters (``channels_last`` and ``schedule`` among them), calls
+    :meth:`_build_net` and implements ``_loss`` and ``_optimizer``.
+    """
+
+    net: nn.Module
+
+    def _build_net(self, arch: str, weights: str | None, weights_sha256: str | None, **kwargs: Any) -> None:
+        """``net``: the architecture ``arch`` built with ``kwargs``, ``weights`` loaded, in channels-last format."""
+        self.net = build_model(arch, **kwargs)
+        if weights is not None:
+            load_pretrained(self.net, weights, sha256=weights_sha256, strip_prefixes=_PREFIXES)
+        if self.hparams["channels_last"]:
+            self.net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of images ``(N, C, H, W)``: ``(N, num_classes)``, or ``(N, num_classes, H, W)`` per pixel."""
+        return self.net(_to_channels_last(x) if self.hparams["channels_last"] else x)
+
+    def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The loss of one batch ``(images, targets)``; logs ``train/loss``."""
+        x, y = batch
+        loss = self._loss(self(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Predicted classes: ``(N,)`` per image, or ``(N, H, W)`` per pixel."""
+        return self(batch[0]).argmax(dim=1)
+
+    def configure_optimizers(self) -> Any:
+        """The task's optimizer over every trainable parameter (quantizer scales included), with its schedule."""
+        optimizer = self._optimizer([p for p in self.parameters() if p.requires_grad])
+        return _cosine_or_constant(self, optimizer, self.hparams["schedule"])
+
+
+class ImageClassifier(_Task):
     """Classifier trained with SGD + momentum and cross-entropy; reports top-1 accuracy.
 
     Args:
@@ -102,33 +148,16 @@ class ImageClassifier(LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        _check_schedule(schedule)
-        if not lr > 0:
-            raise ValueError(f"Expected lr to be > 0, got {lr!r}")
+        _check_schedule_and_lr(schedule, lr)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"Expected label_smoothing to be in [0, 1), got {label_smoothing!r}")
         self.save_hyperparameters()
-        self.net = build_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
-        if weights is not None:
-            load_pretrained(self.net, weights, sha256=weights_sha256, strip_prefixes=_PREFIXES)
-        if channels_last:
-            self.net.to(memory_format=torch.channels_last)
+        self._build_net(arch, weights, weights_sha256, num_classes=num_classes, **(arch_kwargs or {}))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(N, num_classes)`` of images ``(N, 3, H, W)``."""
-        return self.net(_to_channels_last(x) if self.hparams["channels_last"] else x)
-
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Cross-entropy of one batch ``((N, 3, H, W), (N,))``; logs ``train/loss``."""
-        x, y = batch
-        loss = self._loss(self(x), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
         x, y = batch
@@ -147,23 +176,17 @@ class ImageClassifier(LightningModule):
         """Updates and logs ``test/acc`` and ``test/loss``."""
         return self._evaluate(batch, "test", self.test_acc)
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Predicted classes ``(N,)``."""
-        return self(batch[0]).argmax(dim=1)
-
-    def configure_optimizers(self) -> Any:
-        """SGD over every trainable parameter (quantizer scales included), with the chosen schedule."""
-        optimizer = torch.optim.SGD(
-            [p for p in self.parameters() if p.requires_grad],
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            params,
             lr=self.hparams["lr"],
             momentum=self.hparams["momentum"],
             weight_decay=self.hparams["weight_decay"],
             nesterov=self.hparams["nesterov"],
         )
-        return _cosine_or_constant(self, optimizer, self.hparams["schedule"])
 
 
-class SegmentationModel(LightningModule):
+class SegmentationModel(_Task):
     """Semantic segmentation trained with AdamW and cross-entropy; reports mIoU and pixel accuracy.
 
     Args:
@@ -204,9 +227,7 @@ class SegmentationModel(LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        _check_schedule(schedule)
-        if not lr > 0:
-            raise ValueError(f"Expected lr to be > 0, got {lr!r}")
+        _check_schedule_and_lr(schedule, lr)
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(
                 f"Expected class_weights to have num_classes={num_classes} entries, got {len(class_weights)}"
@@ -215,11 +236,7 @@ class SegmentationModel(LightningModule):
         kwargs: dict[str, Any] = {"num_classes": num_classes}
         if arch == "unet":
             kwargs.update(in_channels=in_channels, base_width=base_width, depth=depth)
-        self.net: nn.Module = build_model(arch, **kwargs, **(arch_kwargs or {}))
-        if weights is not None:
-            load_pretrained(self.net, weights, strip_prefixes=_PREFIXES)
-        if channels_last:
-            self.net.to(memory_format=torch.channels_last)
+        self._build_net(arch, weights, None, **kwargs, **(arch_kwargs or {}))
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.class_weights: Tensor | None
         self.register_buffer("class_weights", weight)
@@ -228,19 +245,8 @@ class SegmentationModel(LightningModule):
         self.test_miou = MulticlassJaccardIndex(num_classes, ignore_index=ignore_index, average="macro")
         self.test_pixel_acc = MulticlassAccuracy(num_classes, ignore_index=ignore_index, average="micro")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(N, num_classes, H, W)`` of images ``(N, C, H, W)``."""
-        return self.net(_to_channels_last(x) if self.hparams["channels_last"] else x)
-
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=self.hparams["ignore_index"])
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Cross-entropy over labelled pixels of ``((N, C, H, W), (N, H, W))``; logs ``train/loss``."""
-        x, y = batch
-        loss = self._loss(self(x), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
@@ -265,15 +271,5 @@ class SegmentationModel(LightningModule):
         """Updates and logs ``test/miou``, ``test/acc`` and ``test/loss``."""
         return self._evaluate(batch, "test")
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Predicted class maps ``(N, H, W)``."""
-        return self(batch[0]).argmax(dim=1)
-
-    def configure_optimizers(self) -> Any:
-        """AdamW over every trainable parameter, with the chosen schedule."""
-        optimizer = torch.optim.AdamW(
-            [p for p in self.parameters() if p.requires_grad],
-            lr=self.hparams["lr"],
-            weight_decay=self.hparams["weight_decay"],
-        )
-        return _cosine_or_constant(self, optimizer, self.hparams["schedule"])
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])

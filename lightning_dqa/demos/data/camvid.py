@@ -4,28 +4,28 @@ The folder layout (``root``, or ``$LIGHTNING_DQA_DATA/camvid``): ``train.txt``, 
 ``"image annotation"`` pair of paths per line, relative to the root; images are RGB PNGs, annotations 8-bit PNGs
 whose pixel values are class ids 0..10, with 11 for void (the ignore index).
 
-Example:
-    >>> dm = CamVidDataModule(root="/data/camvid", batch_size=4)  # doctest: +SKIP
-    >>> dm.setup("fit")  # doctest: +SKIP
-    >>> images, masks = next(iter(dm.train_dataloader()))  # doctest: +SKIP
-    >>> images.shape, masks.dtype  # doctest: +SKIP
-    (torch.Size([4, 3, 180, 240]), torch.int64)
+Example::
+
+    dm = CamVidDataModule(root="/data/camvid", batch_size=4)
+    dm.setup("fit")
+    images, masks = next(iter(dm.train_dataloader()))
+    images.shape, masks.dtype  # (torch.Size([4, 3, 180, 240]), torch.int64)
 
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
+from lightning_dqa.demos.data.base import DemoDataModule, check_mean_std, check_num_workers, check_positive_int
 from lightning_dqa.demos.data.root import resolve_root
 
 __all__ = [
@@ -196,11 +196,6 @@ class CamVidDataset(Dataset):
         return image, mask
 
 
-def _limit(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"Expected {name} to be a positive int or None, got {value!r}")
-
-
 def _check_args(
     root: str,
     batch_size: int,
@@ -213,19 +208,16 @@ def _check_args(
     std: tuple[float, ...],
 ) -> None:
     """Raise a ``ValueError`` naming the first :class:`CamVidDataModule` argument out of range."""
-    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected {name} to be a positive int, got {value!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"Expected num_workers to be an int >= 0, got {num_workers!r}")
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("eval_batch_size", eval_batch_size)
+    check_num_workers(num_workers)
     for limit_name, limit in limits.items():
-        _limit(limit_name, limit)
+        check_positive_int(limit_name, limit, allow_none=True)
     if scale_range is not None and (len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]):
         raise ValueError(f"Expected scale_range to be (low, high) with 0 < low <= high, got {scale_range!r}")
     if crop_size is not None and (len(crop_size) != 2 or any(int(s) != s or s < 1 for s in crop_size)):
         raise ValueError(f"Expected crop_size to be (height, width) of positive ints, got {crop_size!r}")
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ValueError(f"Expected mean and std to have 3 entries, std > 0, got mean={mean!r}, std={std!r}")
+    check_mean_std(mean, std)
     missing = [f"{s}.txt" for s in SPLITS if not (Path(root) / f"{s}.txt").is_file()]
     if missing:
         raise ValueError(
@@ -234,8 +226,11 @@ def _check_args(
         )
 
 
-class CamVidDataModule(LightningDataModule):
+class CamVidDataModule(DemoDataModule):
     """CamVid train / val / test loaders (11 classes, void = 11 ignored).
+
+    Batches are ``(B, 3, h, w)`` float images and ``(B, h, w)`` long masks: training batches are augmented
+    (flipped, rescaled and cropped as configured), validation and test batches are full size, in the lists' order.
 
     Args:
         root: the dataset folder (with ``train.txt``, ``val.txt``, ``test.txt``); ``None`` reads
@@ -317,33 +312,6 @@ class CamVidDataModule(LightningDataModule):
         if stage in (None, "test", "predict"):
             self.test_set = CamVidDataset(self.root, "test", self.eval_transform, self.limits["test"])
 
-    def _loader(self, dataset: Dataset | None, name: str, batch_size: int, shuffle: bool = False) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"The {name} set is not built; call setup() with the matching stage first")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented batches ``(B, 3, h, w)`` float and ``(B, h, w)`` long."""
-        return self._loader(self.train_set, "training", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches at full size."""
-        return self._loader(self.val_set, "validation", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches at full size, in the list's order."""
-        return self._loader(self.test_set, "test", self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test batches."""
-        return self.test_dataloader()
-
     def calibration_subset(self, n: int, seed: int = 0) -> Subset:
         """A seeded random subset of the training pairs with the *evaluation* transform (no augmentation).
 
@@ -370,9 +338,4 @@ class CamVidDataModule(LightningDataModule):
         :class:`~lightning_dqa.DQACallback` calls this with its ``calibration_samples`` and seed, so
         calibration sees un-augmented training images rather than random crops.
         """
-        return DataLoader(
-            self.calibration_subset(n, seed),
-            batch_size=batch_size or self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-        )
+        return self._calibration_loader(self.calibration_subset(n, seed), batch_size)

@@ -3,10 +3,11 @@
 By default the validation set *is* the test set, as in the DQA paper, which reports test accuracy; pick
 ``val_split="holdout"`` to hold out part of the training set instead.
 
-Example:
-    >>> dm = CIFAR10DataModule(root="/data/cifar10", limit_test=1000)  # doctest: +SKIP
-    >>> dm.setup("test")  # doctest: +SKIP
-    >>> images, labels = next(iter(dm.test_dataloader()))  # (256, 3, 32, 32), (256,)  # doctest: +SKIP
+Example::
+
+    dm = CIFAR10DataModule(root="/data/cifar10", limit_test=1000)
+    dm.setup("test")
+    images, labels = next(iter(dm.test_dataloader()))  # (256, 3, 32, 32), (256,)
 
 """
 
@@ -17,12 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10
 
+from lightning_dqa.demos.data.base import DemoDataModule, check_mean_std, check_num_workers, check_positive_int
 from lightning_dqa.demos.data.root import resolve_root
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10DataModule", "TransformedDataset"]
@@ -58,53 +59,10 @@ class TransformedDataset(Dataset):
         return self.transform(image), target
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        suffix = " or None" if allow_none else ""
-        raise ValueError(f"Expected {name} to be a positive int{suffix}, got {value!r}")
-
-
-def _check_args(
-    root: str,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    num_workers: int,
-    val_split: str,
-    holdout_size: int,
-    limit_train: int | None,
-    limit_test: int | None,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    seed: int,
-) -> None:
-    """Raise a ``ValueError`` naming the first :class:`CIFAR10DataModule` argument out of range."""
-    _positive_int("batch_size", batch_size)
-    _positive_int("eval_batch_size", eval_batch_size)
-    _positive_int("holdout_size", holdout_size)
-    _positive_int("limit_train", limit_train, allow_none=True)
-    _positive_int("limit_test", limit_test, allow_none=True)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"Expected num_workers to be an int >= 0, got {num_workers!r}")
-    if val_split not in ("test", "holdout"):
-        raise ValueError(f"Expected val_split to be one of ['test', 'holdout'], got {val_split!r}")
-    if val_split == "holdout" and holdout_size >= TRAIN_SIZE:
-        raise ValueError(f"Expected holdout_size < {TRAIN_SIZE} (the training set), got {holdout_size}")
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ValueError(f"Expected mean and std to have 3 entries, std > 0, got mean={mean!r}, std={std!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"Expected seed to be an int, got {seed!r}")
-    if not download and not (Path(root) / BASE_FOLDER).is_dir():
-        raise ValueError(
-            f"Expected root to contain {BASE_FOLDER}/, got root={root!r} (resolved: {Path(root).resolve()}); "
-            "point root at the folder holding it, or pass download=True to fetch CIFAR-10"
-        )
-
-
-class CIFAR10DataModule(LightningDataModule):
+class CIFAR10DataModule(DemoDataModule):
     """CIFAR-10 train / val / test loaders and calibration subsets.
+
+    Batches are ``(B, 3, 32, 32)`` float images and ``(B,)`` labels; the test loader keeps the file's order.
 
     Args:
         root: folder that holds ``cifar-10-batches-py/``; ``None`` reads ``$LIGHTNING_DQA_DATA/cifar10`` (see
@@ -152,20 +110,6 @@ class CIFAR10DataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         root = resolve_root(root, "cifar10")
-        _check_args(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_split=val_split,
-            holdout_size=holdout_size,
-            limit_train=limit_train,
-            limit_test=limit_test,
-            mean=mean,
-            std=std,
-            seed=seed,
-        )
         self.save_hyperparameters()
         self.root = root
         self.download = download
@@ -181,11 +125,34 @@ class CIFAR10DataModule(LightningDataModule):
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.seed = seed
+        self._check_args()
         self._train_base: CIFAR10 | None = None
         self._test_base: CIFAR10 | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    def _check_args(self) -> None:
+        """Raise a ``ValueError`` naming the first constructor argument out of range."""
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("eval_batch_size", self.eval_batch_size)
+        check_positive_int("holdout_size", self.holdout_size)
+        check_positive_int("limit_train", self.limit_train, allow_none=True)
+        check_positive_int("limit_test", self.limit_test, allow_none=True)
+        check_num_workers(self.num_workers)
+        if self.val_split not in ("test", "holdout"):
+            raise ValueError(f"Expected val_split to be one of ['test', 'holdout'], got {self.val_split!r}")
+        if self.val_split == "holdout" and self.holdout_size >= TRAIN_SIZE:
+            raise ValueError(f"Expected holdout_size < {TRAIN_SIZE} (the training set), got {self.holdout_size}")
+        check_mean_std(self.mean, self.std)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Expected seed to be an int, got {self.seed!r}")
+        root = Path(self.root)
+        if not self.download and not (root / BASE_FOLDER).is_dir():
+            raise ValueError(
+                f"Expected root to contain {BASE_FOLDER}/, got root={self.root!r} (resolved: {root.resolve()}); "
+                "point root at the folder holding it, or pass download=True to fetch CIFAR-10"
+            )
 
     # ----------------------------------------------------------------- transforms
 
@@ -263,7 +230,7 @@ class CIFAR10DataModule(LightningDataModule):
             ValueError: if ``n`` is not a positive int no larger than the training split.
 
         """
-        _positive_int("n", n)
+        check_positive_int("n", n)
         train_idx, _ = self._split_indices()
         if n > len(train_idx):
             raise ValueError(f"Expected n <= {len(train_idx)} (the training split), got {n}")
@@ -274,38 +241,6 @@ class CIFAR10DataModule(LightningDataModule):
 
     # ----------------------------------------------------------------- loaders
 
-    def _loader(self, dataset: Dataset | None, name: str, batch_size: int, shuffle: bool = False) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"The {name} set is not built; call setup() with the matching stage first")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches ``(batch_size, 3, 32, 32)``, ``(batch_size,)``."""
-        return self._loader(self.train_set, "training", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches (the test set unless ``val_split="holdout"``)."""
-        return self._loader(self.val_set, "validation", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches, in the file's order."""
-        return self._loader(self.test_set, "test", self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test batches."""
-        return self.test_dataloader()
-
     def calibration_dataloader(self, n: int, seed: int | None = None, batch_size: int | None = None) -> DataLoader:
         """Batches of :meth:`calibration_subset` in a fixed order (``eval_batch_size`` unless given)."""
-        return DataLoader(
-            self.calibration_subset(n, seed),
-            batch_size=batch_size or self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-        )
+        return self._calibration_loader(self.calibration_subset(n, seed), batch_size)

@@ -286,8 +286,9 @@ def load_pretrained(
         FileNotFoundError: if a local path does not exist.
         ValueError: on a sha256 mismatch, or naming the missing / unexpected keys or mismatched shapes.
 
-    Example:
-        >>> model = load_pretrained(resnet32(), "weights/resnet32-d509ac18.th")  # doctest: +SKIP
+    Example::
+
+        model = load_pretrained(resnet32(), "weights/resnet32-d509ac18.th")
 
     """
     if _is_url(path_or_url):

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -155,12 +155,12 @@ class UNet(nn.Module):
         return self.head(x)  # (N, num_classes, H, W)
 
 
-def unet(
-    num_classes: int = 11,
-    in_channels: int = 3,
-    base_width: int = 32,
-    depth: int = 4,
-    up_mode: UpMode = "transpose",
-) -> UNet:
-    """A :class:`UNet` (the constructor registered as ``"unet"``)."""
-    return UNet(in_channels=in_channels, num_classes=num_classes, base_width=base_width, depth=depth, up_mode=up_mode)
+def unet(num_classes: int = 11, **kwargs: Any) -> UNet:
+    """A :class:`UNet` (the constructor registered as ``"unet"``); ``kwargs`` are its other arguments, by name.
+
+    Example:
+        >>> unet(5, base_width=8, depth=2).head.out_channels
+        5
+
+    """
+    return UNet(num_classes=num_classes, **kwargs)
