@@ -335,7 +335,7 @@ class DQACallback(Callback):
                 self.config,
                 rank_shard(loader, strategy, world, rank),
                 forward_fn=lambda model, batch: primary_output(model(self.split_batch(batch)[0])),
-                loss_fn=self.calibration_loss,
+                loss_fn=lambda model, batch: self.calibration_loss(pl_module, batch),
                 objective_fn=self.calibration_objective,
                 num_samples=per_rank,
                 reducer=strategy_reducer(strategy, world),
