@@ -147,16 +147,10 @@ def fake_quantize(
 
     The gradient with respect to ``x`` is 1 inside the code range and 0 where the value was clamped; if
     ``scale`` requires grad, it receives the LSQ gradient (Esser et al., 2020) through the same expression.
-
-    Args:
-        x: activations, channels on ``channel_dim``.
-        scale: ``(C,)`` per-channel scales.
-        bits: code width.
-        signed: signed or unsigned codes.
-        channel_dim: the channel axis.
+    The arguments are those of :func:`quantize`.
 
     Returns:
-        Tensor like ``x`` holding ``scale * code``.
+        Tensor like ``x`` holding ``scale * code``, where ``code`` is what :func:`quantize` returns.
 
     """
     qmin, qmax = quant_range(bits, signed)
