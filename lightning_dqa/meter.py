@@ -70,7 +70,7 @@ class MemoryMeter:
         scale_n = q.current_scale(x).detach()
         hist = None
         if bool(q.important.any()):
-            _, _, err = F.important_codes(x.detach(), scale_n, q.important, q.n, q.m, bool(q.signed), q.channel_dim)
+            _, _, err = F.important_codes(x.detach(), scale_n, q.important, q.n, q.m, q.is_signed, q.channel_dim)
             hist = torch.bincount(err.flatten(), minlength=2**q.m).cpu()
         scales: Literal["dynamic", "static"] = "dynamic" if q.scale_mode == "dynamic" else "static"
         counts = histogram_bits(x.numel(), samples, q.n, q.num_channels, hist, self._books[name], scales)
