@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from lightning_dqa import DQAConfig, calibrate, prepare
-from lightning_dqa.engine import set_quantizers_enabled
 from lightning_dqa.attach import quantizers_of
+from lightning_dqa.engine import set_quantizers_enabled
 from lightning_dqa.meter import MemoryMeter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
