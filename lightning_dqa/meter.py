@@ -46,18 +46,25 @@ class MemoryMeter:
         self._books = {name: HuffmanCodebook.from_counts(q.error_counts.cpu()) for name, q in self.quantizers.items()}
 
     def _hook(self, name: str) -> Any:
+        # The hook runs inside the model's forward, so ``torch.compile`` traces it: only Python flags are read
+        # here (an inactive meter adds nothing to the graph); the measurement itself runs eagerly.
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            if self.active and isinstance(module, ActivationQuantizer) and module.enabled and bool(module.calibrated):
+            if self.active and isinstance(module, ActivationQuantizer) and module.enabled:
                 self.measure(name, module, args[0])
 
         return hook
 
+    @torch.compiler.disable
     @torch.no_grad()
     def measure(self, name: str, q: ActivationQuantizer, x: Tensor) -> None:
         """Add one stored tensor ``x`` (a batch; each sample counted on its own) to the ledger.
 
-        A pass-through quantizer (a layer left in full precision) stores float32: 32 bits per value.
+        Runs outside any ``torch.compile`` graph: the code book and the ledger are host-side (numpy) work.
+        A pass-through quantizer (a layer left in full precision) stores float32: 32 bits per value; an
+        uncalibrated quantizer is not measured.
         """
+        if not bool(q.calibrated):
+            return
         self.ledger.to(x.device)
         samples = int(x.shape[0]) if x.ndim > 1 else 1
         if q.passthrough:
