@@ -34,6 +34,7 @@ def test_compiled_calibrated_model_matches_eager(scale_mode: str):
     meter.remove()
 
 
+@pytest.mark.slow
 def test_validate_a_compiled_lightning_module_logs_bits_per_value():
     torch._dynamo.reset()
     model = BareNet()
