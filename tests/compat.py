@@ -56,3 +56,18 @@ def calibrated(model: nn.Module) -> bool:
     """Every installed quantizer calibrated and switched on."""
     qs = quantizers_of(model).values()
     return bool(qs) and all(bool(q.calibrated) and q.enabled for q in qs)
+
+
+def small_cnn(classes: int = 10, width: int = 8) -> nn.Sequential:
+    """Two conv blocks and a linear head; any input size."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, classes),
+    )
