@@ -126,7 +126,11 @@ class ActivationQuantizer(nn.Module):
 
     @torch.no_grad()
     def set_signed(self, signed: bool) -> None:
-        """Set whether codes are signed: the buffer and its Python mirror."""
+        """Set whether codes are signed: the buffer and its Python mirror (calibration's ``code="auto"``).
+
+        Args:
+            signed: the new signedness.
+        """
         self.signed.fill_(bool(signed))
         self._signed = bool(signed)
 
@@ -139,9 +143,9 @@ class ActivationQuantizer(nn.Module):
         if not self.bits.is_meta:  # a module built on the meta device has no values to read yet
             self._n, self._m, self._signed = int(self.bits), int(self.extra_bits), bool(self.signed)
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Load this module's own tensors as usual, then refresh the Python mirrors of the widths and sign."""
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_mirrors()
 
     @property
