@@ -36,6 +36,11 @@ class ActivationQuantizer(nn.Module):
         ``bits`` / ``extra_bits``: scalar int, so a checkpoint records the widths it was made with.
         ``error_counts``: ``(2**extra_bits,)`` calibration histogram of shifting errors (the code book's source).
 
+    ``bits``, ``extra_bits`` and ``signed`` have Python mirrors (:attr:`n`, :attr:`m`, :attr:`is_signed`) that the
+    forward pass reads, so it never waits for the device; ``load_state_dict``, :meth:`load_artifact_entry` and
+    :meth:`set_signed` keep them current, and code that writes those buffers in place otherwise calls
+    :meth:`sync_mirrors` afterwards.
+
     Deployment artifacts (:mod:`lightning_dqa.export`): :meth:`artifact_entry` writes this state as JSON,
     :meth:`check_artifact_entry` validates an entry against this quantizer's layout without changing anything,
     :meth:`load_artifact_entry` writes the checked tensors into the buffers. Subclasses with more state extend
