@@ -247,7 +247,7 @@ def freeze_scales(
     for name, q in quantizers.items():
         st = stats[name]
         if config.code == "auto":
-            q.signed.fill_(bool((st.min < 0).any()))
+            q.set_signed(bool((st.min < 0).any()))
         if q.passthrough or config.scale_mode == "dynamic":
             continue
         signed = bool(q.signed)
@@ -280,6 +280,7 @@ def _finish(
             continue
         for buf in q.buffers():
             buf.copy_(broadcast(buf))
+        q.sync_mirrors()
         if isinstance(q.scale, nn.Parameter):
             with torch.no_grad():
                 q.scale.copy_(broadcast(q.scale.detach()))

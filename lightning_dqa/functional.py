@@ -100,10 +100,15 @@ def scale_from_max(max_abs: Tensor, bits: int | Tensor, signed: bool | Tensor) -
         ``(C,)`` float tensor of scales.
 
     """
-    bits_t = torch.as_tensor(bits, device=max_abs.device)
-    signed_t = torch.as_tensor(signed, device=max_abs.device)
-    exponent = bits_t - signed_t.to(bits_t.dtype)  # 2**(n-1) signed, 2**n unsigned
-    denom = torch.pow(2.0, exponent.to(max_abs.dtype))
+    denom: Tensor | float
+    if isinstance(bits, int) and isinstance(signed, bool):
+        # Python widths stay on the host: a tensor made from them would be copied to the device (and wait).
+        denom = 2.0 ** (bits - int(signed))  # 2**(n-1) signed, 2**n unsigned; a power of two, exact in float32
+    else:
+        bits_t = torch.as_tensor(bits, device=max_abs.device)
+        signed_t = torch.as_tensor(signed, device=max_abs.device)
+        exponent = bits_t - signed_t.to(bits_t.dtype)
+        denom = torch.pow(2.0, exponent.to(max_abs.dtype))
     return torch.where(max_abs > 0, max_abs / denom, torch.ones_like(max_abs))
 
 
@@ -192,7 +197,7 @@ def mixed_fake_quantize(
         out = _ste_fake_quantize(x, s, lo, hi)
     else:
         out = _inplace_mixed_fake_quantize(x, scale, qmin, qmax, channel_dim)
-    if fp_mask is not None and bool(fp_mask.any()):
+    if fp_mask is not None:  # no ``fp_mask.any()`` test: reading it on the host would wait for the device
         out = torch.where(channel_view(fp_mask, x.ndim, channel_dim), x, out)
     return out
 

@@ -54,18 +54,25 @@ class MemoryMeter:
         self._books = {name: HuffmanCodebook.from_counts(q.error_counts.cpu()) for name, q in self.quantizers.items()}
 
     def _hook(self, name: str) -> Any:
+        # The hook runs inside the model's forward, so ``torch.compile`` traces it: only Python flags are read
+        # here (an inactive meter adds nothing to the graph); the measurement itself runs eagerly.
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            if self.active and isinstance(module, ActivationQuantizer) and module.enabled and bool(module.calibrated):
+            if self.active and isinstance(module, ActivationQuantizer) and module.enabled:
                 self.measure(name, module, args[0])
 
         return hook
 
+    @torch.compiler.disable
     @torch.no_grad()
     def measure(self, name: str, q: ActivationQuantizer, x: Tensor) -> None:
         """Add one stored tensor ``x`` (a batch; each sample counted on its own) to the ledger.
 
-        A pass-through quantizer (a layer left in full precision) stores float32: 32 bits per value.
+        Runs outside any ``torch.compile`` graph: the code book and the ledger are host-side (numpy) work.
+        A pass-through quantizer (a layer left in full precision) stores float32: 32 bits per value; an
+        uncalibrated quantizer is not measured.
         """
+        if not bool(q.calibrated):
+            return
         self.ledger.to(x.device)
         samples = int(x.shape[0]) if x.ndim > 1 else 1
         if q.passthrough:
@@ -78,7 +85,7 @@ class MemoryMeter:
         scale_n = q.current_scale(x).detach()
         hist = None
         if bool(q.important.any()):
-            _, _, err = F.important_codes(x.detach(), scale_n, q.important, q.n, q.m, bool(q.signed), q.channel_dim)
+            _, _, err = F.important_codes(x.detach(), scale_n, q.important, q.n, q.m, q.is_signed, q.channel_dim)
             hist = torch.bincount(err.flatten(), minlength=2**q.m).cpu()
         scales: Literal["dynamic", "static"] = "dynamic" if q.scale_mode == "dynamic" else "static"
         counts = histogram_bits(x.numel(), samples, q.n, q.num_channels, hist, self._books[name], scales)

@@ -36,6 +36,11 @@ class ActivationQuantizer(nn.Module):
         ``bits`` / ``extra_bits``: scalar int, so a checkpoint records the widths it was made with.
         ``error_counts``: ``(2**extra_bits,)`` calibration histogram of shifting errors (the code book's source).
 
+    ``bits``, ``extra_bits`` and ``signed`` have Python mirrors (:attr:`n`, :attr:`m`, :attr:`is_signed`) that the
+    forward pass reads, so it never waits for the device; ``load_state_dict``, :meth:`load_artifact_entry` and
+    :meth:`set_signed` keep them current, and code that writes those buffers in place otherwise calls
+    :meth:`sync_mirrors` afterwards.
+
     Deployment artifacts (:mod:`lightning_dqa.export`): :meth:`artifact_entry` writes this state as JSON,
     :meth:`check_artifact_entry` validates an entry against this quantizer's layout without changing anything,
     :meth:`load_artifact_entry` writes the checked tensors into the buffers. Subclasses with more state extend
@@ -104,17 +109,49 @@ class ActivationQuantizer(nn.Module):
         self.fp_mask: Tensor | None = None
         # Optional transform of the input before quantization (NoisyQuant adds its noise here).
         self.pre_transform: Callable[[Tensor], Tensor] | None = None
+        # Python mirrors of ``bits``, ``extra_bits`` and ``signed``: the forward pass reads these, never the
+        # buffers, since reading a device tensor on the host (``int(t)``, ``bool(t)``) waits for the device.
+        self._n, self._m, self._signed = int(bits), int(extra_bits), bool(signed)
 
     # ------------------------------------------------------------------ state
     @property
     def n(self) -> int:
-        """``bits`` as a Python int."""
-        return int(self.bits)
+        """``bits`` as a Python int (a mirror of the buffer: no device read)."""
+        return self._n
 
     @property
     def m(self) -> int:
-        """``extra_bits`` as a Python int."""
-        return int(self.extra_bits)
+        """``extra_bits`` as a Python int (a mirror of the buffer: no device read)."""
+        return self._m
+
+    @property
+    def is_signed(self) -> bool:
+        """``signed`` as a Python bool (a mirror of the buffer: no device read)."""
+        return self._signed
+
+    @torch.no_grad()
+    def set_signed(self, signed: bool) -> None:
+        """Set whether codes are signed: the buffer and its Python mirror (calibration's ``code="auto"``).
+
+        Args:
+            signed: the new signedness.
+        """
+        self.signed.fill_(bool(signed))
+        self._signed = bool(signed)
+
+    def sync_mirrors(self) -> None:
+        """Re-read ``bits``, ``extra_bits`` and ``signed`` into their Python mirrors.
+
+        Call it after writing those buffers in place (``load_state_dict`` and :meth:`load_artifact_entry` do).
+        It reads the buffers on the host, so it belongs with state changes, never in a forward pass.
+        """
+        if not self.bits.is_meta:  # a module built on the meta device has no values to read yet
+            self._n, self._m, self._signed = int(self.bits), int(self.extra_bits), bool(self.signed)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Load this module's own tensors as usual, then refresh the Python mirrors of the widths and sign."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.sync_mirrors()
 
     @property
     def passthrough(self) -> bool:
@@ -146,7 +183,7 @@ class ActivationQuantizer(nn.Module):
             "channels": self.num_channels,
             "bits": self.n,
             "extra_bits": self.m,
-            "signed": bool(self.signed),
+            "signed": self._signed,
             "scale_mode": self.scale_mode,
             "scales": None if dynamic else [float(s) for s in self.scale.detach().abs().float().cpu()],
             "important": torch.nonzero(self.important.cpu()).flatten().tolist(),
@@ -227,12 +264,13 @@ class ActivationQuantizer(nn.Module):
                 getattr(self, name).copy_(value)
         self.calibrated.fill_(True)
         self.enabled = True
+        self.sync_mirrors()
 
     # ------------------------------------------------------------------ maths
     def current_scale(self, x: Tensor) -> Tensor:
         """The ``bits``-bit scales used for ``x``: run-time maxima (dynamic) or the frozen ones."""
         if self.scale_mode == "dynamic":
-            return F.scale_from_max(F.channel_absmax(x, self.channel_dim), self.n, bool(self.signed))
+            return F.scale_from_max(F.channel_absmax(x, self.channel_dim), self.n, self._signed)
         scale = self.scale
         if self.scale_mode == "learnable":
             scale = scale.abs() + 1e-12  # an optimizer step may push a scale through zero
@@ -242,7 +280,7 @@ class ActivationQuantizer(nn.Module):
         """Per-channel ``(shift, qmin, qmax)``: ``2**m`` on important channels, 1 elsewhere, and code bounds."""
         imp = self.important if important is None else important
         n, m = self.n, self.m
-        signed = bool(self.signed)
+        signed = self._signed
         lo_n, hi_n = F.quant_range(n, signed)
         lo_h, hi_h = F.quant_range(n + m, signed)
         shift = torch.where(imp, 2.0**m, 1.0).to(self.scale.device)
@@ -272,8 +310,8 @@ class ActivationQuantizer(nn.Module):
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Integer DQA codes of ``x``: ``(main, error, scale_n)`` as :func:`functional.dqa_quantize` returns."""
         scale_n = self.current_scale(x).detach()
-        max_abs = scale_n * 2.0 ** (self.n - int(bool(self.signed)))
-        return F.dqa_quantize(x.detach(), max_abs, self.n, self.m, self.important, bool(self.signed), self.channel_dim)
+        max_abs = scale_n * 2.0 ** (self.n - int(self._signed))
+        return F.dqa_quantize(x.detach(), max_abs, self.n, self.m, self.important, self._signed, self.channel_dim)
 
     def extra_repr(self) -> str:
         """Summary shown by ``print(model)``."""

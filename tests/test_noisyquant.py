@@ -136,7 +136,7 @@ def test_search_is_never_worse_than_direct(where, kind, bits):
     config = DQAConfig(method="noisyquant", bits=bits, where=where, first_layer_bits=None, code="auto")
     model = conv_model()
     (q,) = attach_quantizers(model, config, noisyquant_factory(config)).values()  # enabled: hook is live
-    q.signed.fill_(signed)
+    q.set_signed(signed)
     (point,) = find_quant_points(model, config)
     result = search_noisyquant(point, q, x, config)
 
