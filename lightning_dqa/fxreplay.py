@@ -21,7 +21,7 @@ bit differently. What the engine cannot run faithfully raises :class:`Unsupporte
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lightning_dqa.attach import QUANTIZER_ATTR, output_hook
+from lightning_dqa.fxgraph import ancestors, descendants, last_uses
 from lightning_dqa.quantizers import ActivationQuantizer
 from lightning_dqa.replicas import quantize_replicas, repeat_rows, replica_mode, split_rows
 
@@ -101,7 +102,7 @@ class GraphSearch:
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.output = next(n for n in self.nodes if n.op == "output")
         self.signature = inspect.signature(gm.forward)
-        self.data = _descendants(self.placeholders)  # values that carry the batch
+        self.data = descendants(self.placeholders)  # values that carry the batch
         by_module: dict[int, list[fx.Node]] = {}
         for node in self.nodes:
             if node.op == "call_module":
@@ -159,7 +160,7 @@ class GraphSearch:
         env = self._bind(args, kwargs)
         rows = _rows_of(env)
         nodes = [n for n in self.nodes if n.op != "placeholder"]
-        free = _last_uses(nodes, keep=set())
+        free = last_uses(nodes, keep=set())
         self.interp.env = env
         for node in nodes:
             value = env[node] = self.interp.run_node(node)
@@ -195,7 +196,7 @@ class GraphSearch:
     def _plan(self, name: str) -> _Plan | None:
         """Split the graph for layer ``name``; ``None`` when the output does not depend on it."""
         starts = self.calls[name]
-        down = _descendants(starts)
+        down = descendants(starts)
         if self.output not in down:
             return None
         raw = None
@@ -204,15 +205,15 @@ class GraphSearch:
             down.discard(raw)
         downstream = [n for n in self.nodes if n in down]
         boundary = [n for n in self.nodes if n not in down and any(u in down for u in n.users)]
-        needed = _ancestors(boundary)
+        needed = ancestors(boundary)
         upstream = [n for n in self.nodes if n in needed and n.op != "placeholder"]
         return _Plan(
             upstream=upstream,
             boundary=boundary,
             downstream=downstream,
             raw=raw,
-            free_up=_last_uses(upstream, keep=set(boundary)),
-            free_down=_last_uses(downstream, keep={self.output}),
+            free_up=last_uses(upstream, keep=set(boundary)),
+            free_down=last_uses(downstream, keep={self.output}),
             row_bytes=max((self.row_bytes.get(n, 0) for n in downstream), default=0),
         )
 
@@ -387,36 +388,3 @@ def _rows_of(env: dict[fx.Node, Any]) -> int:
     if rows is None:
         raise Unsupported("the model takes no tensor with a batch dimension")
     return rows
-
-
-def _descendants(starts: Sequence[fx.Node]) -> set[fx.Node]:
-    """``starts`` and every node that depends on them."""
-    return _closure(starts, lambda node: node.users)
-
-
-def _ancestors(starts: Sequence[fx.Node]) -> set[fx.Node]:
-    """``starts`` and every node they depend on."""
-    return _closure(starts, lambda node: node.all_input_nodes)
-
-
-def _closure(starts: Sequence[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
-    seen, stack = set(starts), list(starts)
-    while stack:
-        for nxt in step(stack.pop()):
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return seen
-
-
-def _last_uses(nodes: list[fx.Node], keep: set[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
-    """For each node of ``nodes``, the values (not in ``keep``) read for the last time by it."""
-    last: dict[fx.Node, fx.Node] = {}
-    for node in nodes:
-        for dep in node.all_input_nodes:
-            last[dep] = node
-    out: dict[fx.Node, list[fx.Node]] = {}
-    for dep, node in last.items():
-        if dep not in keep:
-            out.setdefault(node, []).append(dep)
-    return out
