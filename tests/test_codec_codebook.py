@@ -150,3 +150,13 @@ def test_codebook_from_bytes_rejects_corruption() -> None:
     bad = np.packbits(np.r_[CB._int_bits(3, 16), CB._int_bits(0, 4), CB._int_bits(2, 3), np.zeros(8, np.uint8)])
     with pytest.raises(ValueError, match="Kraft"):
         HuffmanCodebook.from_bytes(bad.tobytes())
+
+
+@pytest.mark.parametrize(
+    ("counts", "lengths"),
+    [([2**62] * 4, [2, 2, 2, 2]), ([2**63 - 1, 5, 3, 1], [1, 2, 3, 3]), ([2**62, 2**62, 1, 0], [1, 2, 3, 3])],
+)
+def test_counts_near_two_to_the_63_do_not_overflow(counts, lengths):
+    """Sums of such counts wrapped around in int64 and gave wrong lengths (e.g. [7, 11, 11, 16] for four equal)."""
+    book = HuffmanCodebook.from_counts(np.array(counts, dtype=np.int64))
+    assert book.lengths.tolist() == lengths

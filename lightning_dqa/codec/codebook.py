@@ -128,6 +128,24 @@ def _check_lengths(lengths: np.ndarray) -> None:
         raise ValueError(f"Code lengths violate Kraft's inequality: sum 2**-len = {kraft / 2**MAX_CODE_LENGTH} > 1")
 
 
+_WEIGHT_LIMIT = 2**40
+"""Largest weight total package-merge sums exactly in int64 (it adds up to ``N * max_len`` of them)."""
+
+
+def _without_overflow(weights: np.ndarray) -> np.ndarray:
+    """Weights scaled down by a power of two (each kept at least 1) when their total could overflow int64.
+
+    Counts near ``2**63`` (e.g. histograms accumulated over a long run) would otherwise wrap around in the sums
+    of package-merge and give wrong lengths; the scaled weights give the optimal code for the same
+    proportions up to a relative error of ``2**-40``.
+    """
+    total = int(weights.astype(object).sum())
+    if total <= _WEIGHT_LIMIT:
+        return weights
+    shift = (total // _WEIGHT_LIMIT).bit_length()
+    return np.maximum(weights >> shift, 1)
+
+
 # ---------------------------------------------------------------------------------------------- code book
 @dataclass(frozen=True, eq=False)
 class HuffmanCodebook:
@@ -210,7 +228,7 @@ class HuffmanCodebook:
         if n == 1:
             return cls(np.ones(1, dtype=np.int64))
         weights = np.maximum(c.astype(np.int64), 1)
-        return cls(_package_merge(weights, max_len))
+        return cls(_package_merge(_without_overflow(weights), max_len))
 
     @classmethod
     def from_lengths(cls, lengths: np.ndarray | list[int]) -> HuffmanCodebook:
