@@ -22,9 +22,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_dqa.attach import quantizers_of
@@ -35,7 +36,7 @@ from lightning_dqa.callback_data import (
     primary_output,
     split_batch,
 )
-from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_quantizer_layout
+from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_checkpoint_keys
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.distributed import rank_shard, strategy_broadcast, strategy_reducer
 from lightning_dqa.engine import CalibrationReport, calibrate, prepare, set_quantizers_enabled
@@ -184,17 +185,7 @@ class DQACallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Check the checkpoint's quantizer layout (and, unless the user relaxed it, every other key)."""
-        state = checkpoint["state_dict"]
-        has_quantizers = check_quantizer_layout(pl_module, state)
-        if self._user_strict:
-            mine = pl_module.state_dict().keys()
-            missing = [k for k in mine if k not in state and (has_quantizers or ".dqa_quantizer." not in k)]
-            unexpected = [k for k in state if k not in mine]
-            if missing or unexpected:
-                raise RuntimeError(
-                    f"Error(s) in loading state_dict for {type(pl_module).__name__}: missing keys {missing[:5]}, "
-                    f"unexpected keys {unexpected[:5]}"
-                )
+        has_quantizers = check_checkpoint_keys(pl_module, checkpoint["state_dict"], strict=self._user_strict)
         if not has_quantizers:
             rank_zero_info("DQACallback: the checkpoint is full precision; its quantizers will be calibrated")
         pl_module.strict_loading = self._user_strict
@@ -259,6 +250,9 @@ class DQACallback(Callback):
         for watcher in (self._meter, self._watch):
             if watcher is not None:
                 watcher.active = False
+        if stage in ("validate", "test") and not self._calibrated(pl_module):
+            what = getattr(stage, "value", stage)
+            rank_zero_warn(f"DQACallback: {what} ran no batches, so nothing was calibrated, quantized or measured")
 
     # ------------------------------------------------------------------ extension points
     def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
@@ -346,11 +340,20 @@ class DQACallback(Callback):
         finally:
             for bar in bars:
                 bar.close()
-        self._after_calibration(trainer, pl_module, self.report.samples * world)
+        samples = self.report.samples
+        if world > 1:  # shards may be uneven: count what every rank read
+            read = torch.tensor(float(samples), device=strategy.root_device)
+            samples = int(strategy.reduce(read, reduce_op="sum"))
+        self._after_calibration(trainer, pl_module, samples)
 
     def _after_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: int) -> None:
         """Log the sample count, print the summary, build the meter's code books, write the artifact."""
         assert self.report is not None
+        if samples < self.calibration_samples:
+            rank_zero_warn(
+                f"DQACallback calibrated on {samples} samples, fewer than calibration_samples="
+                f"{self.calibration_samples}: the calibration data holds no more"
+            )
         for logger in trainer.loggers:  # self.log is not allowed in on_fit_start / on_*_start hooks
             logger.log_metrics({"dqa/calibration_samples": float(samples)}, step=trainer.global_step)
         if self.verbose:

@@ -27,6 +27,7 @@ from lightning_dqa.export.atomic import all_or_nothing, prefixed
 
 __all__ = [
     "CALLBACK_STATE_KEY",
+    "check_checkpoint_keys",
     "check_quantizer_layout",
     "load_quantized",
     "quantizer_keys",
@@ -109,6 +110,35 @@ def check_quantizer_layout(model: nn.Module, state_dict: Mapping[str, Any]) -> b
         return False
     _compare_layout({name: q.state_dict() for name, q in quantizers_of(model).items()}, theirs)
     return True
+
+
+def check_checkpoint_keys(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> bool:
+    """Check a checkpoint against a model with quantizers installed, before Lightning loads it non-strictly.
+
+    Args:
+        model: the model, quantizers installed.
+        state_dict: the checkpoint's state dict.
+        strict: also require every other key to match (a full-precision checkpoint may lack the quantizers').
+
+    Returns:
+        Whether the checkpoint carries quantizer state (see :func:`check_quantizer_layout`).
+
+    Raises:
+        ValueError: for a quantizer layout that does not fit.
+        RuntimeError: with ``strict``, naming missing and unexpected keys, as ``load_state_dict`` would.
+
+    """
+    has_quantizers = check_quantizer_layout(model, state_dict)
+    if strict:
+        mine = model.state_dict().keys()
+        missing = [k for k in mine if k not in state_dict and (has_quantizers or _MARK not in k)]
+        unexpected = [k for k in state_dict if k not in mine]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(model).__name__}: missing keys {missing[:5]}, "
+                f"unexpected keys {unexpected[:5]}"
+            )
+    return has_quantizers
 
 
 def read_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:

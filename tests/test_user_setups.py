@@ -227,3 +227,31 @@ def test_nonfinite_activations_at_evaluation_are_named_by_layer():
         t.validate(model, dataloaders=loader())
     cb_off = DQACallback(bits=4, calibration_samples=64, calibration_source="val", check_finite=False)
     trainer(callbacks=[cb_off]).validate(model, dataloaders=loader())  # switched off: no error
+
+
+def test_fewer_calibration_samples_than_asked_for_says_so():
+    cb = DQACallback(bits=4, calibration_samples=1000, calibration_source="val")
+    with pytest.warns(UserWarning, match=r"calibrated on 96 samples, fewer than calibration_samples=1000"):
+        trainer(callbacks=[cb]).validate(BareNet(), dataloaders=loader(96))
+
+
+def test_an_empty_validation_loader_says_nothing_was_calibrated():
+    empty = DataLoader(make_data(96, 1), batch_size=32)
+    with pytest.warns(UserWarning, match="validate ran no batches, so nothing was calibrated"):
+        trainer(callbacks=[DQACallback(bits=4)], limit_val_batches=0).validate(BareNet(), dataloaders=empty)
+
+
+def test_loaders_with_a_distributed_sampler_are_not_sharded_again():
+    from torch.utils.data import DistributedSampler
+
+    from lightning_dqa.distributed import rank_shard
+
+    class Identity:
+        def batch_to_device(self, batch):
+            return batch
+
+    data = make_data(64, 0)
+    sharded = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    assert len(list(rank_shard(sharded, Identity(), world=2, rank=1))) == 4  # all of this rank's 32 samples
+    plain = DataLoader(data, batch_size=8)
+    assert len(list(rank_shard(plain, Identity(), world=2, rank=1))) == 4  # every other of 8 batches
