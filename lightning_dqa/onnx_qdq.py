@@ -127,7 +127,8 @@ def _dynamic_scale(b: _Nodes, x: str, opset: int) -> str:
         amax = b.op("ReduceMax", [absx], "ReduceMax", axes=axes, keepdims=0)
     denom = b.const("denom", np.array(2.0 ** (spec.bits - int(spec.signed)), np.float32))
     zero, one = b.const("zero", np.array(0.0, np.float32)), b.const("one", np.array(1.0, np.float32))
-    scale_n = b.op("Where", [b.op("Greater", [amax, zero], "Positive"), b.op("Div", [amax, denom], "ScaleN"), one], "Scale")
+    positive = b.op("Greater", [amax, zero], "Positive")
+    scale_n = b.op("Where", [positive, b.op("Div", [amax, denom], "ScaleN"), one], "Scale")
     return b.op("Div", [scale_n, b.const("shift", _f32(spec.shift))], "Step")
 
 
