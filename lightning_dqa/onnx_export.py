@@ -220,7 +220,7 @@ def _trace(model: nn.Module, args: tuple[Tensor, ...], opset: int) -> bytes:
         torch.onnx.export(
             model,
             args,
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
             dynamo=False,
             opset_version=opset,
             input_names=names,

@@ -135,7 +135,7 @@ def _dynamic_scale(b: _Nodes, x: str, opset: int) -> str:
 def _clamps(b: _Nodes, x: str, scale: str, lo: int, hi: int) -> str:
     """Per-channel ``Max`` / ``Min`` in float where a channel's code range is narrower than the carrier's."""
     spec, shape = b.spec, b.channel_shape()
-    step_b = None
+    step_b = ""
     if spec.scale is None:  # dynamic: the bounds follow the run-time step
         step_b = b.op("Reshape", [scale, b.const("bshape", np.array(shape, np.int64))], "StepB")
     for op, tag, codes, needed in (("Max", "lo", spec.qmin, spec.qmin > lo), ("Min", "hi", spec.qmax, spec.qmax < hi)):
