@@ -1,0 +1,108 @@
+"""Export the calibrated ResNet-32 to ONNX (QDQ graph) and check onnxruntime against PyTorch on CIFAR-10.
+
+Pretrained ResNet-32 and CIFAR-10 from ``../shared``; post-training quantization with the engine
+(``DQAConfig(bits=b, method=m)``, the project's defaults) on seeded-random training images; then
+``export_onnx`` and, on the first test images, the top-1 agreement between onnxruntime (CPU) and the PyTorch
+fake-quantized model and both accuracies. Needs ``pip install 'lightning-dqa[onnx]'``.
+
+    python examples/export_onnx.py                       # direct and DQA at 3 and 4 bits, 2,000 test images
+    python examples/export_onnx.py --methods dqa --bits 3 --out-dir /tmp/onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_dqa import DQAConfig, calibrate, prepare
+from lightning_dqa.demos.data import CIFAR10DataModule
+from lightning_dqa.demos.models import build_model, load_pretrained
+from lightning_dqa.onnx_export import export_onnx
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=str(SHARED / "data" / "cifar10"), help="folder holding cifar-10-batches-py")
+    p.add_argument("--weights", default=str(SHARED / "weights" / "resnet32-d509ac18.th"))
+    p.add_argument("--methods", nargs="+", default=["direct", "dqa"], choices=["direct", "dqa", "noisyquant"])
+    p.add_argument("--bits", nargs="+", type=int, default=[3, 4])
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--limit-test", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument("--out-dir", default="onnx_models", help="where the .onnx files go")
+    return p.parse_args(argv)
+
+
+def predictions(run, images: Tensor, batch_size: int) -> Tensor:
+    """Top-1 class of every image, ``run(batch) -> logits`` applied batch by batch."""
+    with torch.no_grad():
+        return torch.cat([torch.as_tensor(run(x)).argmax(1) for x in images.split(batch_size)])
+
+
+def quantized_resnet32(args: argparse.Namespace, config: DQAConfig, calib: list) -> nn.Module:
+    model = load_pretrained(build_model("resnet32"), args.weights).eval()
+    prepare(model, config)
+    calibrate(
+        model, config, calib, forward_fn=lambda m, b: m(b[0]), loss_fn=lambda m, b: TF.cross_entropy(m(b[0]), b[1])
+    )
+    return model
+
+
+def run_config(args: argparse.Namespace, config: DQAConfig, data: tuple[Tensor, Tensor, list], opts) -> dict:
+    """Calibrate, export and compare one configuration; returns its record."""
+    import onnx
+    import onnxruntime as ort
+
+    images, labels, calib = data
+    start = time.perf_counter()
+    model = quantized_resnet32(args, config, calib)
+    path = export_onnx(model, images[:1], Path(args.out_dir) / f"resnet32_{config.method}_{config.bits}bit.onnx")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    torch_pred = predictions(model, images, args.batch_size)
+    ort_pred = predictions(lambda x: sess.run(None, {"input": x.numpy()})[0], images, args.batch_size)
+    return {
+        "config": f"{config.method} {config.bits}-bit",
+        "agreement": 100 * float((torch_pred == ort_pred).float().mean()),
+        "acc_torch": 100 * float((torch_pred == labels).float().mean()),
+        "acc_ort": 100 * float((ort_pred == labels).float().mean()),
+        "opset": onnx.load(str(path)).opset_import[0].version,
+        "megabytes": path.stat().st_size / 1e6,
+        "seconds": time.perf_counter() - start,
+        "path": str(path),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    import onnxruntime as ort
+
+    args = parse_args(argv)
+    dm = CIFAR10DataModule(root=args.data_root, limit_test=args.limit_test)
+    dm.setup("test")
+    images, labels = next(iter(DataLoader(dm.test_set, batch_size=len(dm.test_set))))  # (N, 3, 32, 32), (N,)
+    calib = list(DataLoader(dm.calibration_subset(args.calib_samples, seed=0), batch_size=128))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    print(f"{'config':<14}{'agreement %':>13}{'PyTorch acc %':>15}{'ORT acc %':>11}{'opset':>7}{'MB':>6}{'s':>7}")
+    records = []
+    for method in args.methods:
+        for bits in args.bits:
+            r = run_config(args, DQAConfig(bits=bits, method=method), (images, labels, calib), opts)
+            records.append(r)
+            print(
+                f"{r['config']:<14}{r['agreement']:>13.2f}{r['acc_torch']:>15.2f}{r['acc_ort']:>11.2f}"
+                f"{r['opset']:>7}{r['megabytes']:>6.2f}{r['seconds']:>7.1f}"
+            )
+    return records
+
+
+if __name__ == "__main__":
+    main()
