@@ -17,10 +17,12 @@ The rule:
 3. **Quantized reads.** A read through a quantizer (:class:`QRead`) needs the value's codes, not its full
    precision copy. When the buffer is still live in full precision at the reading step (a residual shortcut, a
    concatenated skip, the model input), nothing more is counted: the layer quantizes that copy as it reads it.
-   Otherwise the codes are made when the value is produced (that step holds both copies), its full-precision
-   buffer ends there, and the codes live until the reading step. Encoding and decoding are taken as fused into
-   the layers: a value being encoded or decoded is not counted twice (a runtime that decodes a whole tensor
-   before the layer runs adds one full-precision copy of that input at that step).
+   Otherwise the codes are made when the value is produced, its full-precision buffer ends there, and the codes
+   live until the reading step. The producing step holds both copies when it writes into an existing buffer
+   (a ReLU run in place after conv-BN); a step that allocates a value read only through quantizers (a pooling,
+   a concatenation) writes the codes directly and holds no full-precision copy. Decoding is taken as fused
+   into the reading layer: the decoded values are not counted (a runtime that decodes a whole tensor before
+   the layer runs adds one full-precision copy of that input at that step).
 4. **Peak.** The live bytes of a step are the sizes of the buffers and codes live at it; the peak is their
    maximum over the steps. Weights, buffers of the model and workspace of the kernels are not activations and
    are not counted.
@@ -132,8 +134,11 @@ def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | Non
     with_fp = codes_bytes is None
     spans: list[tuple[str, int, int, int]] = []  # (what, bytes, first step, last step)
     fp_end = {id(b): _end(b, steps, index, last, with_fp) for b in buffers}
+    coded = {r.value for s in steps for r in s.qreads} if codes_bytes is not None else set()
     for b in buffers:
-        spans.append((f"{b.owner} (full precision)", b.size, b.start, fp_end[id(b)]))
+        if not (fp_end[id(b)] == b.start and not b.is_input and b.owner in coded):  # else written as codes at once
+            what = b.owner if len(b.values) == 1 else f"{b.owner}..{b.values[-1]}"
+            spans.append((f"{what} (full precision)", b.size, b.start, fp_end[id(b)]))
     if codes_bytes is not None:
         for i, step in enumerate(steps):
             for r in step.qreads:
