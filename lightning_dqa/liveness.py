@@ -130,7 +130,7 @@ def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | Non
     """
     index = _check(steps)
     last = _last_reads(steps, index)
-    buffer_of, buffers = _plan_buffers(steps, index, last)
+    buffer_of, buffers = _plan_buffers(steps, last)
     with_fp = codes_bytes is None
     spans: list[tuple[str, int, int, int]] = []  # (what, bytes, first step, last step)
     fp_end = {id(b): _end(b, steps, index, last, with_fp) for b in buffers}
@@ -171,9 +171,7 @@ def _last_reads(steps: Sequence[Step], index: dict[str, int]) -> dict[str, int]:
     return last
 
 
-def _plan_buffers(
-    steps: Sequence[Step], index: dict[str, int], last: dict[str, int]
-) -> tuple[dict[str, _Buffer], list[_Buffer]]:
+def _plan_buffers(steps: Sequence[Step], last: dict[str, int]) -> tuple[dict[str, _Buffer], list[_Buffer]]:
     """The buffer of every tensor value: new, shared with an alias, or reused in place by an elementwise op."""
     buffer_of: dict[str, _Buffer] = {}
     buffers: list[_Buffer] = []
