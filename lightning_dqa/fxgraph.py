@@ -1,12 +1,24 @@
-"""Reachability and last uses on a :mod:`torch.fx` graph (what the greedy search's replay runs and frees)."""
+"""Tracing with quantized layers kept whole, reachability and last uses on a :mod:`torch.fx` graph."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from torch import fx
+from torch import fx, nn
 
-__all__ = ["ancestors", "descendants", "last_uses"]
+__all__ = ["LeafTracer", "ancestors", "descendants", "last_uses"]
+
+
+class LeafTracer(fx.Tracer):
+    """Keeps every module whose ``id`` is in ``leaves`` one ``call_module`` node (its hooks run when it runs)."""
+
+    def __init__(self, leaves: set[int]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Quantized layers are leaves, besides what :class:`torch.fx.Tracer` keeps whole."""
+        return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
 
 def descendants(starts: Sequence[fx.Node]) -> set[fx.Node]:

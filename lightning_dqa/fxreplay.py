@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lightning_dqa.attach import QUANTIZER_ATTR, output_hook
-from lightning_dqa.fxgraph import ancestors, descendants, last_uses
+from lightning_dqa.fxgraph import LeafTracer, ancestors, descendants, last_uses
 from lightning_dqa.quantizers import ActivationQuantizer
 from lightning_dqa.replicas import quantize_replicas, repeat_rows, replica_mode, split_rows
 
@@ -142,7 +142,7 @@ class GraphSearch:
         names = [n for n in order if not quantizers[n].passthrough]
         counts, inputs = _count_calls(model, {n: layers[n] for n in names}, probe_batch, forward_fn)
         with as_unsupported("tracing"):  # the model has just run: a failure here is the tracer's, not the model's
-            gm = fx.GraphModule(model, _LeafTracer({id(m) for m in layers.values()}).trace(model))
+            gm = fx.GraphModule(model, LeafTracer({id(m) for m in layers.values()}).trace(model))
         search = cls(gm, quantizers, model)
         for name in names:
             if counts[name] != len(search.calls[name]) * len(inputs):
@@ -342,15 +342,6 @@ class _Plan:
     row_bytes: int
 
 
-class _LeafTracer(fx.Tracer):
-    """Keeps every quantized layer a single ``call_module`` node, so its quantizer hook runs at call time."""
-
-    def __init__(self, leaves: set[int]) -> None:
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
 
 # --------------------------------------------------------------------------------------------- graph

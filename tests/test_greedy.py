@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from lightning_dqa import DQAConfig, paper_config
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
-from lightning_dqa.fxreplay import GraphSearch, _LeafTracer
+from lightning_dqa.fxgraph import LeafTracer
+from lightning_dqa.fxreplay import GraphSearch
 from lightning_dqa.greedy import _candidate_groups, greedy_rank
 from lightning_dqa.quantizers import ActivationQuantizer
 from lightning_dqa.replicas import quantize_replicas as _quantize_replicas
@@ -229,7 +230,7 @@ def test_out_of_memory_and_interrupts_in_the_fast_path_propagate(
     if where == "replay":
         monkeypatch.setattr(GraphSearch, "_run_downstream", raise_(err))
     else:
-        monkeypatch.setattr(_LeafTracer, "trace", raise_(err))
+        monkeypatch.setattr(LeafTracer, "trace", raise_(err))
     with warnings.catch_warnings(), pytest.raises(type(err)):
         warnings.simplefilter("error")  # no fallback to the plain path either
         greedy_rank(model, quantizers, order, batches, forward_fn, objective_fn)
@@ -321,7 +322,7 @@ def test_replicas_quantize_like_single_candidates(scale_mode: str) -> None:
 def test_traced_graph_calls_the_model_submodules_with_their_hooks() -> None:
     model, quantizers, _, batches = setup(where="input")
     layers = {name: model.get_submodule(name) for name in quantizers}
-    gm = torch.fx.GraphModule(model, _LeafTracer({id(m) for m in layers.values()}).trace(model))
+    gm = torch.fx.GraphModule(model, LeafTracer({id(m) for m in layers.values()}).trace(model))
     targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     assert set(quantizers) <= targets
     for name in quantizers:
