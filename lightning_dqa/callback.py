@@ -250,7 +250,7 @@ class DQACallback(Callback):
         for watcher in (self._meter, self._watch):
             if watcher is not None:
                 watcher.active = False
-        if stage in ("validate", "test") and not self._calibrated(pl_module):
+        if stage in ("validate", "test") and not trainer.interrupted and not self._calibrated(pl_module):
             what = getattr(stage, "value", stage)
             rank_zero_warn(f"DQACallback: {what} ran no batches, so nothing was calibrated, quantized or measured")
 
