@@ -26,8 +26,9 @@ two differ in the last bit for a few values, which moves a code by one step wher
 0 of 4.2 million codes on the tiny test model, 11 of 60 million (1.8e-7) on ResNet-32, each layer fed the
 same tensor. Float differences between PyTorch's and onnxruntime's convolutions move more codes than that.
 
-Example:
-    >>> path = export_onnx(model, torch.randn(1, 3, 32, 32), "model.onnx")  # doctest: +SKIP
+Example::
+
+    path = export_onnx(model, torch.randn(1, 3, 32, 32), "model.onnx")
 """
 
 from __future__ import annotations
