@@ -33,12 +33,13 @@ from lightning_dqa.callback_data import (
     check_lifecycle_args,
     find_calibration_loader,
     fp32_accuracy,
+    measure_peak_kib,
     primary_output,
     split_batch,
 )
 from lightning_dqa.checkpoint import CALLBACK_STATE_KEY, check_checkpoint_keys
 from lightning_dqa.config import DQAConfig
-from lightning_dqa.distributed import rank_shard, strategy_broadcast, strategy_reducer
+from lightning_dqa.distributed import check_strategy, rank_shard, strategy_broadcast, strategy_reducer
 from lightning_dqa.engine import CalibrationReport, calibrate, prepare, set_quantizers_enabled
 from lightning_dqa.finite import FiniteWatch
 from lightning_dqa.lightning_checkpoint import mark_checkpoint
@@ -46,8 +47,6 @@ from lightning_dqa.meter import MemoryMeter
 from lightning_dqa.progress import CalibrationProgress
 
 __all__ = ["DQACallback"]
-
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
 
 
 class DQACallback(Callback):
@@ -75,6 +74,9 @@ class DQACallback(Callback):
         verbose: print the calibration summary table.
         check_finite: at the end of each validation / test epoch, raise if NaN or Inf reached a quantized
             layer (named); one device-side reduction per layer and forward, read once per epoch.
+        measure_peak_memory: at test time, run the first test image through
+            :func:`lightning_dqa.compressed.run_compressed` (every quantized activation stored as bytes) and log
+            the whole network's measured peak activation memory, KiB per image, next to FP32 and 8-bit.
 
     Raises:
         ValueError: at construction, for any invalid argument (the message names it).
@@ -112,6 +114,7 @@ class DQACallback(Callback):
         export_path: str | None = None,
         verbose: bool = True,
         check_finite: bool = True,
+        measure_peak_memory: bool = False,
     ) -> None:
         super().__init__()
         args = locals()
@@ -128,6 +131,8 @@ class DQACallback(Callback):
         self.export_path = export_path
         self.verbose = verbose
         self.check_finite = check_finite
+        self.measure_peak_memory = measure_peak_memory
+        self.peak_kib: dict[str, float] = {}
         self._watch: FiniteWatch | None = None
         self.report: CalibrationReport | None = None
         self.fp32_metric: float | None = None
@@ -157,12 +162,7 @@ class DQACallback(Callback):
     # ------------------------------------------------------------------ lifecycle hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Install quantizers before checkpoint weights are restored and before the DDP wrap."""
-        name = type(trainer.strategy).__name__
-        if any(name.startswith(s) for s in _UNSUPPORTED_STRATEGIES):
-            raise ValueError(
-                f"DQACallback supports single-device and DDP strategies, got {name}: FSDP, DeepSpeed and model "
-                f"parallel shard the layers it quantizes; use strategy='ddp'"
-            )
+        check_strategy(trainer.strategy)
         if not quantizers_of(pl_module):
             prepare(pl_module, self.config)
         for old in (self._meter, self._watch):  # a Trainer re-runs setup for each stage: one set of hooks
@@ -236,6 +236,13 @@ class DQACallback(Callback):
         """Post-training quantization for ``test``."""
         self._start_evaluation(trainer, pl_module, "test")
         self._reset_meter()
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """With ``measure_peak_memory``, measure the first test image's peak activation memory."""
+        if self.measure_peak_memory and batch_idx == 0 and dataloader_idx == 0 and self._calibrated(pl_module):
+            self.peak_kib = measure_peak_kib(pl_module, self.split_batch(batch)[0])
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log measured activation memory."""
@@ -357,12 +364,7 @@ class DQACallback(Callback):
         for logger in trainer.loggers:  # self.log is not allowed in on_fit_start / on_*_start hooks
             logger.log_metrics({"dqa/calibration_samples": float(samples)}, step=trainer.global_step)
         if self.verbose:
-            rank_zero_info(
-                f"DQA calibration: {samples} samples, statistics {self.report.stats_seconds:.1f}s, "
-                f"ranking {self.report.rank_seconds:.1f}s ({self.config.method}, {self.config.ranking}, "
-                f"n={self.config.bits}, m={self.config.extra_bits}, r={self.config.effective_ratio})\n"
-                f"{self.report.table()}"
-            )
+            rank_zero_info(self.report.summary(self.config, samples))
         if self._meter is not None:
             self._meter.build_codebooks(self.report)
         if self.export_path and trainer.is_global_zero:
@@ -394,6 +396,8 @@ class DQACallback(Callback):
             )
         if self.fp32_metric is not None:
             pl_module.log("dqa/fp32_acc", self.fp32_metric, sync_dist=False)
+        for key, kib in self.peak_kib.items():
+            pl_module.log(f"dqa/peak_{key}_kib_per_image", kib, sync_dist=False)
         if self._meter is None or not self._calibrated(pl_module) or not self._meter.has_data():
             return
         summary = self._meter.compute()

@@ -26,6 +26,7 @@ __all__ = [
     "check_lifecycle_args",
     "find_calibration_loader",
     "fp32_accuracy",
+    "measure_peak_kib",
     "primary_output",
     "split_batch",
 ]
@@ -38,7 +39,14 @@ OUTPUT_KEYS: tuple[str, ...] = ("logits", "out", "output", "outputs", "pred", "p
 """Keys of a dict output taken as the logits, in order of preference."""
 
 
-LIFECYCLE_FLAGS: tuple[str, ...] = ("measure_memory", "log_per_layer", "fp32_baseline", "verbose", "check_finite")
+LIFECYCLE_FLAGS: tuple[str, ...] = (
+    "measure_memory",
+    "log_per_layer",
+    "fp32_baseline",
+    "verbose",
+    "check_finite",
+    "measure_peak_memory",
+)
 """The callback's on/off arguments."""
 
 
@@ -236,3 +244,27 @@ def fp32_accuracy(
         pl_module.train(was_training)
     correct, total, lacking = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
     return None if lacking else correct / max(total, 1.0)
+
+
+@torch.no_grad()
+def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any) -> dict[str, float]:
+    """Measured whole-network peak activation KiB of one image: ``{"stored", "int8", "fp32"}``.
+
+    Runs the first sample of ``inputs`` through :func:`lightning_dqa.compressed.run_compressed`; a model it
+    cannot run (e.g. one :mod:`torch.fx` cannot trace) gets a warning and no figures.
+    """
+    from lightning_dqa.compressed import run_compressed
+
+    if not isinstance(inputs, Tensor):
+        rank_zero_warn(f"DQACallback: measure_peak_memory needs a tensor input, got {type(inputs).__name__}")
+        return {}
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        _, report = run_compressed(pl_module, inputs[:1])
+    except (ValueError, TypeError, NotImplementedError) as err:
+        rank_zero_warn(f"DQACallback: measure_peak_memory could not run the model compressed: {err}")
+        return {}
+    finally:
+        pl_module.train(was_training)
+    return {key: nbytes / 1024 for key, nbytes in report.per_image().items()}

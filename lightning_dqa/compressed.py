@@ -145,8 +145,6 @@ class CompressedReport:
         return "\n".join(rows)
 
 
-
-
 @dataclass
 class _Stored:
     """A value held only as blobs, one per reading node."""

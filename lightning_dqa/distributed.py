@@ -10,7 +10,24 @@ from torch import Tensor
 from torch.distributed import ReduceOp
 from torch.utils.data import DistributedSampler
 
-__all__ = ["rank_shard", "strategy_broadcast", "strategy_reducer"]
+__all__ = ["check_strategy", "rank_shard", "strategy_broadcast", "strategy_reducer"]
+
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse strategies that shard the layers the callback quantizes.
+
+    Raises:
+        ValueError: for FSDP, DeepSpeed, model-parallel and XLA strategies (the message says what to use).
+
+    """
+    name = type(strategy).__name__
+    if any(name.startswith(s) for s in _UNSUPPORTED_STRATEGIES):
+        raise ValueError(
+            f"DQACallback supports single-device and DDP strategies, got {name}: FSDP, DeepSpeed and model "
+            f"parallel shard the layers it quantizes; use strategy='ddp'"
+        )
 
 _OPS = {"sum": ReduceOp.SUM, "max": ReduceOp.MAX, "min": ReduceOp.MIN}
 

@@ -96,6 +96,14 @@ class CalibrationReport:
     layers: list[LayerReport]
     stats: dict[str, ChannelStats] = field(repr=False, default_factory=dict)
 
+    def summary(self, config: DQAConfig, samples: int | None = None) -> str:
+        """One line on what ran (``samples`` over all ranks; default: this rank's), then :meth:`table`."""
+        return (
+            f"DQA calibration: {self.samples if samples is None else samples} samples, statistics "
+            f"{self.stats_seconds:.1f}s, ranking {self.rank_seconds:.1f}s ({config.method}, {config.ranking}, "
+            f"n={config.bits}, m={config.extra_bits}, r={config.effective_ratio})\n{self.table()}"
+        )
+
     def table(self) -> str:
         """The summary as an aligned text table."""
         head = f"{'layer':<28}{'ch':>5}{'n':>3}{'m':>3}{'n+m ch':>8}{'code':>6}{'scale min':>11}{'scale max':>11}"

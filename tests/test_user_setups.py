@@ -255,3 +255,16 @@ def test_loaders_with_a_distributed_sampler_are_not_sharded_again():
     assert len(list(rank_shard(sharded, Identity(), world=2, rank=1))) == 4  # all of this rank's 32 samples
     plain = DataLoader(data, batch_size=8)
     assert len(list(rank_shard(plain, Identity(), world=2, rank=1))) == 4  # every other of 8 batches
+
+
+def test_measured_peak_memory_is_logged_at_test_time():
+    from lightning_dqa.compressed import run_compressed
+
+    model = BareNet()
+    cb = DQACallback(bits=3, calibration_samples=64, calibration_source="val", measure_peak_memory=True)
+    t = trainer(callbacks=[cb])
+    t.test(model, dataloaders=loader())
+    logged = {k: float(t.callback_metrics[f"dqa/peak_{k}_kib_per_image"]) for k in ("stored", "int8", "fp32")}
+    assert 0 < logged["stored"] <= logged["int8"] <= logged["fp32"]
+    _, report = run_compressed(model.eval(), next(iter(loader()))[0][:1])
+    assert logged == pytest.approx({k: v / 1024 for k, v in report.per_image().items()})
