@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelPruning
@@ -18,20 +19,7 @@ from lightning_dqa.export import apply_artifact, export_artifact
 
 
 def quiet_trainer(tmp_path: Path | None = None, **kw) -> Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        max_epochs=1,
-        deterministic=True,
-    )
-    if tmp_path is not None:
-        args["default_root_dir"] = str(tmp_path)
-    args.update(kw)
-    return Trainer(**args)
+    return tiny.quiet_trainer(tmp_path, **{"deterministic": True, **kw})
 
 
 def quantizer_state(model) -> dict[str, torch.Tensor]:

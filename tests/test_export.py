@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as TF
+from tiny import TinyConvNet
 from torch import nn
 
 from lightning_dqa import DQAConfig
@@ -17,22 +17,6 @@ from lightning_dqa.attach import quantizers_of
 from lightning_dqa.engine import calibrate, prepare
 from lightning_dqa.export import FORMAT, apply_artifact, export_artifact, load_artifact
 from lightning_dqa.quantizers import ActivationQuantizer
-
-
-class TinyConvNet(nn.Module):
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = TF.relu(self.conv1(x))
-        x = TF.relu(self.conv2(x))
-        x = self.conv3(x)  # signed input to the pool and the classifier
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 class Wrapper(nn.Module):

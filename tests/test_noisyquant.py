@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as TF
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny import TinyConvNet
 from torch import nn
 
 from lightning_dqa import functional as F
@@ -221,19 +222,6 @@ def test_search_validates_its_arguments():
 
 
 # ----------------------------------------------------------------------------------------------- engine
-class TinyConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = TF.relu(self.conv1(x))
-        x = TF.relu(self.conv2(x))
-        x = self.conv3(x)  # no ReLU: a signed input to the pool and the classifier
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("where", ["input", "output"])

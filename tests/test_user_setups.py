@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from tiny import TinyNet, make_data
+from tiny import TinyNet, make_data, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -23,17 +23,7 @@ from lightning_dqa.progress import CalibrationProgress
 
 
 def trainer(**kw) -> Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        max_epochs=1,
-    )
-    args.update(kw)
-    return Trainer(**args)
+    return quiet_trainer(**kw)
 
 
 def calibrated(model: nn.Module) -> bool:

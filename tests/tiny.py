@@ -10,6 +10,42 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 
+class TinyConvNet(nn.Module):
+    """Three convolutions and a classifier; the last conv's output is signed (no ReLU before the pool)."""
+
+    def __init__(self, seed: int | None = 0) -> None:
+        super().__init__()
+        if seed is not None:  # the same weights for every instance unless seed=None
+            torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = self.conv3(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def quiet_trainer(tmp_path=None, **kw) -> pl.Trainer:
+    """A CPU Trainer that prints and saves nothing unless asked (``tmp_path`` sets ``default_root_dir``)."""
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_epochs=1,
+    )
+    if tmp_path is not None:
+        args["default_root_dir"] = str(tmp_path)
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
 def make_data(n: int = 256, seed: int = 0) -> TensorDataset:
     """Separable 4-class images: the class sets the mean of one colour channel."""
     g = torch.Generator().manual_seed(seed)
