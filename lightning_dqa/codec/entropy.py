@@ -35,10 +35,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import struct
-from abc import ABC, abstractmethod
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -97,8 +94,8 @@ def _check_decoded(out: np.ndarray, num_symbols: int, n: int, name: str) -> np.n
     return out.astype(np.int32, copy=False)
 
 
-class ErrorCoder(ABC):
-    """A lossless coder of shifting-error symbols, given the calibration histogram of the stream.
+class ErrorCoder:
+    """A lossless coder of shifting-error symbols, given the calibration histogram of the stream (a base class).
 
     Attributes:
         name: the name :func:`get_coder` knows it by.
@@ -109,7 +106,6 @@ class ErrorCoder(ABC):
     name: ClassVar[str]
     package: ClassVar[str | None] = None
 
-    @abstractmethod
     def encode(self, symbols: np.ndarray | Tensor, counts: np.ndarray | Tensor | list[int]) -> bytes:
         """Code a stream of symbols.
 
@@ -125,8 +121,8 @@ class ErrorCoder(ABC):
             TypeError: for symbols or counts that are not integers.
 
         """
+        raise NotImplementedError
 
-    @abstractmethod
     def decode(self, data: bytes, counts: np.ndarray | Tensor | list[int], n: int) -> np.ndarray:
         """Symbols back from :meth:`encode`'s bytes.
 
@@ -142,8 +138,8 @@ class ErrorCoder(ABC):
             ValueError: for bad counts or ``n``, or data that does not decode to ``n`` symbols of the alphabet.
 
         """
+        raise NotImplementedError
 
-    @abstractmethod
     def bits(self, data: bytes) -> int:
         """Exact payload size of :meth:`encode`'s bytes, in bits (the module docstring says what counts).
 
@@ -157,6 +153,7 @@ class ErrorCoder(ABC):
             ValueError: for data too short to be this coder's.
 
         """
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -226,9 +223,12 @@ def _offset_dtype(bit_count: int) -> np.dtype:
 
 # ---------------------------------------------------------------------------------------------- optional coders
 def _import(package: str, coder: str) -> Any:
-    """Import an optional package, or raise an ``ImportError`` naming the extra that installs it."""
+    """Import an optional package, or raise an ``ImportError`` naming the extra that installs it.
+
+    A lazy ``__import__``: the codec's modules import only the standard library, numpy and torch at import time.
+    """
     try:
-        return importlib.import_module(package)
+        return __import__(package)
     except ImportError as err:
         raise ImportError(
             f"The {coder!r} error coder needs the {package!r} package: pip install 'lightning-dqa[{EXTRA}]' "
@@ -351,7 +351,15 @@ def available_coders() -> list[str]:
         A subset of ``list(CODERS)``, in its order.
 
     """
-    return [n for n, c in CODERS.items() if c.package is None or importlib.util.find_spec(c.package) is not None]
+    return [n for n, c in CODERS.items() if c.package is None or _importable(c.package)]
+
+
+def _importable(package: str) -> bool:
+    try:
+        __import__(package)
+    except ImportError:
+        return False
+    return True
 
 
 def get_coder(name: str = DEFAULT_CODER) -> ErrorCoder:
