@@ -14,10 +14,10 @@ books and models; one process, ``torch.set_num_threads(2)``). Every round trip i
 Findings, one run on this project's 2-core machine with nothing else running (29.9 M errors of 32 layers,
 batch 256; README, "Entropy coders"): ANS is the smallest, 3.9 % under Huffman and at the cross-entropy
 under the calibration model (Huffman's whole-bit code lengths cost 4.0 % over it); it encodes as fast as our
-Huffman (207 against 198 M symbols/s) and decodes 3.2x as fast (85 against 27 M/s). zstd level 1 is 6.1 %
+Huffman (209 against 197 M symbols/s) and decodes 3.0x as fast (86 against 28.5 M/s). zstd level 1 is 6.1 %
 larger than Huffman (the errors are close to i.i.d.: its matches find little, and it codes its literals
-with Huffman codes of its own, block by block), encodes 1.6x and decodes 37x as fast
-(316 and 969 M/s). So: ANS wins on size and decode speed, zstd on decode speed alone; Huffman stays the
+with Huffman codes of its own, block by block), encodes 1.6x and decodes 34x as fast
+(322 and 965 M/s). So: ANS wins on size and decode speed, zstd on decode speed alone; Huffman stays the
 default (the paper's code, no dependency, the size the memory meter reports).
 """
 
