@@ -295,6 +295,7 @@ def important_codes(
     extra_bits: int,
     signed: bool,
     channel_dim: int = 1,
+    index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The DQA codes of the important channels only: quantize at ``n + m`` bits with ``scale_n / 2**m``, split.
 
@@ -309,13 +310,15 @@ def important_codes(
         extra_bits: ``m``.
         signed: signed or unsigned codes.
         channel_dim: the channel axis.
+        index: ``important``'s channel indices ``(K,)`` on ``x``'s device when the caller has them (finding
+            them is a host-device synchronisation; a frozen selection needs it once, not per call).
 
     Returns:
         ``(idx, main, error)``: ``idx`` the ``(K,)`` important channel indices; ``main`` and ``error`` int32
         shaped like ``x`` with the channel axis cut to ``K`` (``n``-bit main codes and shifting errors).
 
     """
-    idx = torch.nonzero(important.to(x.device), as_tuple=False).flatten()
+    idx = torch.nonzero(important.to(x.device), as_tuple=False).flatten() if index is None else index
     if idx.numel() == 0:
         empty_shape = list(x.shape)
         empty_shape[channel_dim] = 0

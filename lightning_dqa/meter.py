@@ -8,6 +8,7 @@ exact Huffman-coded bits of the shifting errors (code book built from the calibr
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,6 +21,36 @@ from lightning_dqa.codec import HuffmanCodebook
 from lightning_dqa.quantizers import ActivationQuantizer
 
 __all__ = ["MemoryMeter"]
+
+
+@dataclass
+class _Layer:
+    """A quantizer's frozen state, read once: calibrated, its code book and important channels ``(K,)``."""
+
+    calibrated: bool
+    book: HuffmanCodebook
+    index: Tensor | None  # None: no important channel
+
+    @classmethod
+    def of(cls, q: ActivationQuantizer) -> _Layer:
+        index = torch.nonzero(q.important).flatten()
+        return cls(
+            bool(q.calibrated), HuffmanCodebook.from_counts(q.error_counts.cpu()), index if index.numel() else None
+        )
+
+
+@dataclass
+class _Pending:
+    """What :meth:`MemoryMeter.measure` accumulated for one layer since the last flush."""
+
+    device: torch.device
+    symbols: int
+    numel: int = 0
+    samples: int = 0
+    hist: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hist = torch.zeros(self.symbols, dtype=torch.long, device=self.device)
 
 
 class MemoryMeter:
@@ -46,12 +77,14 @@ class MemoryMeter:
         self.names = list(self.quantizers)
         self.ledger = MemoryLedger(self.names)
         self.active = False
-        self._books: dict[str, HuffmanCodebook] = {}
+        self._layers: dict[str, _Layer] = {}
+        self._pending: dict[str, _Pending] = {}
         self._handles = [q.register_forward_hook(self._hook(name)) for name, q in self.quantizers.items()]
 
     def build_codebooks(self, report: Any = None) -> None:
-        """(Re)build each layer's code book from its calibration histogram of shifting errors."""
-        self._books = {name: HuffmanCodebook.from_counts(q.error_counts.cpu()) for name, q in self.quantizers.items()}
+        """(Re)read each layer's frozen state: code book (from ``error_counts``), important channels, calibrated."""
+        self.flush()
+        self._layers = {name: _Layer.of(q) for name, q in self.quantizers.items()}
 
     def _hook(self, name: str) -> Any:
         # The hook runs inside the model's forward, so ``torch.compile`` traces it: only Python flags are read
@@ -67,37 +100,51 @@ class MemoryMeter:
     def measure(self, name: str, q: ActivationQuantizer, x: Tensor) -> None:
         """Add one stored tensor ``x`` (a batch; each sample counted on its own) to the ledger.
 
-        Runs outside any ``torch.compile`` graph: the code book and the ledger are host-side (numpy) work.
-        A pass-through quantizer (a layer left in full precision) stores float32: 32 bits per value; an
-        uncalibrated quantizer is not measured.
+        No host-device synchronisation: counts are Python ints and the shifting errors' histogram accumulates on
+        ``x``'s device; :meth:`flush` turns them into bits once (at :meth:`compute`). Runs outside any
+        ``torch.compile`` graph. A pass-through quantizer (a layer left in full precision) stores float32: 32
+        bits per value; an uncalibrated quantizer is not measured.
         """
-        if not bool(q.calibrated):
+        if name not in self._layers:  # first use without build_codebooks (e.g. a calibrated checkpoint)
+            self._layers[name] = _Layer.of(q)
+        layer = self._layers[name]
+        if not layer.calibrated:
             return
-        self.ledger.to(x.device)
-        samples = int(x.shape[0]) if x.ndim > 1 else 1
-        if q.passthrough:
-            self.ledger.update(name, numel=x.numel(), main_bits=32 * x.numel(), tensors=samples)
+        pending = self._pending.setdefault(name, _Pending(x.device, 2**q.m))
+        pending.numel += x.numel()
+        pending.samples += int(x.shape[0]) if x.ndim > 1 else 1
+        if q.passthrough or layer.index is None:
             return
-        if name not in self._books:
-            self.build_codebooks()
         # Main codes cost n bits each whatever their values: only the important channels are quantized here,
         # at n + m bits, for the histogram of their shifting errors.
         scale_n = q.current_scale(x).detach()
-        hist = None
-        if bool(q.important.any()):
-            _, _, err = F.important_codes(x.detach(), scale_n, q.important, q.n, q.m, q.is_signed, q.channel_dim)
-            hist = torch.bincount(err.flatten(), minlength=2**q.m).cpu()
-        scales: Literal["dynamic", "static"] = "dynamic" if q.scale_mode == "dynamic" else "static"
-        counts = histogram_bits(x.numel(), samples, q.n, q.num_channels, hist, self._books[name], scales)
-        self.ledger.update_bits(name, counts)
+        index = layer.index.to(x.device)
+        _, _, err = F.important_codes(x.detach(), scale_n, q.important, q.n, q.m, q.is_signed, q.channel_dim, index)
+        flat = err.flatten().long()
+        pending.hist.scatter_add_(0, flat, torch.ones(1, dtype=torch.long, device=flat.device).expand_as(flat))
+
+    def flush(self) -> None:
+        """Move what :meth:`measure` accumulated into the ledger (one host read per layer)."""
+        for name, pending in self._pending.items():
+            q, layer = self.quantizers[name], self._layers[name]
+            self.ledger.to(pending.device)
+            if q.passthrough:
+                self.ledger.update(name, numel=pending.numel, main_bits=32 * pending.numel, tensors=pending.samples)
+                continue
+            hist = pending.hist.cpu() if layer.index is not None else None
+            scales: Literal["dynamic", "static"] = "dynamic" if q.scale_mode == "dynamic" else "static"
+            counts = histogram_bits(pending.numel, pending.samples, q.n, q.num_channels, hist, layer.book, scales)
+            self.ledger.update_bits(name, counts)
+        self._pending = {}
 
     def reset(self) -> None:
         """Clear the ledger (start of an evaluation epoch)."""
+        self._pending = {}
         self.ledger.reset()
 
     def has_data(self) -> bool:
         """Whether anything was measured since the last reset (on this rank)."""
-        return bool(self.ledger.ledger[:, -1].sum() > 0)
+        return any(p.samples for p in self._pending.values()) or bool(self.ledger.ledger[:, -1].sum() > 0)
 
     def compute(self) -> dict[str, Any]:
         """Summary over all ranks: bits per value, bytes per sample (quantized and FP32), saving, per layer.
@@ -106,6 +153,7 @@ class MemoryMeter:
             ``bits_per_value``, ``bytes_per_sample``, ``fp32_bytes_per_sample``, ``saving`` (floats),
             ``per_layer_bits_per_value`` (dict) and ``ledger`` (the ledger's full dict of tensors).
         """
+        self.flush()
         out = self.ledger.compute()
         samples = float(max(float(out[f"{n}/tensors"]) for n in self.names))
         return {

@@ -100,3 +100,15 @@ def test_mirrors_follow_the_buffers_through_load_state_dict_and_calibration():
     assert (q.n, q.m, q.is_signed) == (int(q.bits), int(q.extra_bits), bool(q.signed)) == (4, 3, False)
     x = make_data(8, 5).tensors[0]
     torch.testing.assert_close(fresh.eval()(x), net(x), rtol=0, atol=0)
+
+
+def test_the_active_memory_meter_adds_no_host_sync_either():
+    """The meter measures every validation batch: its histograms stay on the device until compute()."""
+    for scale_mode in ("static", "dynamic"):
+        net = calibrated_tiny("dqa", scale_mode)
+        meter = MemoryMeter(net)
+        meter.build_codebooks()
+        meter.active = True
+        assert forward_syncs(net, make_data(8, 5).tensors[0]) == Counter(), scale_mode
+        assert meter.compute()["bits_per_value"] > 4.0
+        meter.remove()
