@@ -147,7 +147,10 @@ def layer_errors(model: nn.Module, quantizers: dict[str, Any], batch: Batch) -> 
         def hook(_m: nn.Module, _a: Any, x: Tensor, name: str = name, q: Any = q, bn: Any = bn, relu: bool = relu):
             xq = q.quantize_values(x)
             rel = lambda a, b: float(((a - b) ** 2).sum() / (b**2).sum().clamp_min(1e-30))  # noqa: E731
-            rec = {"err_out": rel(xq, x), "neg": float((x < 0).float().mean())}
+            rec = {"err_out": rel(xq, x), "neg": float((x < 0).float().mean()), "zero": float((xq == 0).float().mean())}
+            dims = [d for d in range(x.dim()) if d != 1]
+            std = x.std(dim=dims).clamp_min(1e-12)
+            rec["max_std"] = float((x.abs().amax(dim=dims) / std).median())
             if bn is not None:
                 y, yq = bn(x), bn(xq)
                 rec["err_bn"] = rel(yq, y)
@@ -170,14 +173,15 @@ def layer_errors(model: nn.Module, quantizers: dict[str, Any], batch: Batch) -> 
 def table_a(rows: list[dict[str, Any]], fp32: float) -> str:
     head = (
         f"{'#':>3} {'layer':<22}{'role':<11}{'type':<10}{'output ->':<10}{'ch':>5}{'neg %':>7}"
-        f"{'err out':>9}{'err BN':>9}{'err act':>9}{'direct':>8}{'dqa':>8}"
+        f"{'->0 %':>7}{'max/sd':>8}{'err out':>9}{'err BN':>9}{'err act':>9}{'direct':>8}{'dqa':>8}"
     )
     lines = [head, "-" * len(head)]
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for i, r in enumerate(rows):
         lines.append(
             f"{i:>3} {r['name']:<22}{r['role']:<11}{r['type']:<10}{r['follows']:<10}{r['ch']:>5}"
-            f"{100 * r['neg']:>7.1f}{f(r['err_out']):>9}{f(r.get('err_bn')):>9}{f(r.get('err_act')):>9}"
+            f"{100 * r['neg']:>7.1f}{100 * r['zero']:>7.1f}{r['max_std']:>8.1f}"
+            f"{f(r['err_out']):>9}{f(r.get('err_bn')):>9}{f(r.get('err_act')):>9}"
             f"{r['direct'] - fp32:>8.2f}{r['dqa'] - fp32:>8.2f}"
         )
     return "\n".join(lines)
@@ -313,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     print("(a) one layer quantized at a time (others FP32): accuracy change in points vs FP32;")
     print("    err = relative squared error of the direct 3-bit quantizer on test batch 0, measured on the")
     print("    conv output (err out), after the following BatchNorm (err BN), after BN+ReLU6 (err act);")
-    print("    neg % = share of negative values in the (pre-BN) conv output that the paper quantizes")
+    print("    neg % = share of negative values in the (pre-BN) conv output that the paper quantizes;")
+    print("    ->0 % = share of those values the direct quantizer rounds to code 0; max/sd = median over channels")
+    print("    of the channel's maximum |x| over the batch divided by its standard deviation")
     print(table_a(rows_a, fp32), "\n")
     print("(a') table (a) summed by role (sum of single-layer drops, not additive in general)")
     print(table_by_role(rows_a, fp32))
