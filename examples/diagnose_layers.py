@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_rankings import forward_fn, loss_fn, objective_fn  # the same calibration callables
 from torch import Tensor, nn
 
 from lightning_dqa import calibrate, paper_config, prepare
@@ -44,18 +45,6 @@ DEFAULT_WEIGHTS = REPO / "examples" / "checkpoints" / "mobilenetv2_w050_cifar10.
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 
 Batch = tuple[Tensor, Tensor]
-
-
-def forward_fn(model: nn.Module, batch: Batch) -> Tensor:
-    return model(batch[0])
-
-
-def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
-
-
-def objective_fn(output: Tensor, batch: Batch) -> Tensor:
-    return (output.argmax(1) == batch[1]).sum()
 
 
 def stack(dataset: Any, batch_size: int) -> list[Batch]:
