@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_codec_huffman import example_counts
 
 from lightning_dqa.codec import HuffmanCodebook, bit_count, symbol_counts
 from lightning_dqa.codec.entropy import (
@@ -46,15 +47,7 @@ def test_round_trip(name: str, m: int, raw: list[int], book_kind: str, kind: str
     coder = coder_or_skip(name)
     n_sym = 2**m
     symbols = np.array(raw, dtype=np.int64) % n_sym
-    if book_kind == "seen":
-        counts = symbol_counts(symbols, n_sym)
-    elif book_kind == "skewed":
-        counts = (1000 >> np.minimum(np.arange(n_sym), 60)).astype(np.int64)
-    elif book_kind == "zeros":  # a histogram that never saw most of the stream's symbols
-        counts = np.zeros(n_sym, dtype=np.int64)
-        counts[0] = 5
-    else:
-        counts = np.ones(n_sym, dtype=np.int64)
+    counts = example_counts(book_kind, symbols, n_sym)
     if kind == "tensor":
         given_symbols: np.ndarray | torch.Tensor = torch.from_numpy(symbols)
     elif kind == "uint8" and n_sym <= 256:

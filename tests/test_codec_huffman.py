@@ -41,6 +41,20 @@ def test_golden_bit_count_and_payload() -> None:
 
 
 @FAST
+
+def example_counts(kind: str, symbols: np.ndarray, n_sym: int) -> np.ndarray:
+    """Code-book counts of one kind: ``seen`` (the stream's own histogram), ``skewed`` (halving),
+    ``zeros`` (only symbol 0 seen: most of the stream unseen) or ``uniform``."""
+    if kind == "seen":
+        return symbol_counts(symbols, n_sym)
+    if kind == "skewed":
+        return (1000 >> np.minimum(np.arange(n_sym), 60)).astype(np.int64)
+    counts = np.ones(n_sym, dtype=np.int64)
+    if kind == "zeros":
+        counts[:] = 0
+        counts[0] = 5
+    return counts
+
 @given(
     st.integers(1, 14),
     st.lists(st.integers(0, 2**14 - 1), max_size=300),
@@ -51,12 +65,7 @@ def test_golden_bit_count_and_payload() -> None:
 def test_round_trip(m: int, raw: list[int], chunk_size: int, book_kind: str, method: str) -> None:
     n_sym = 2**m
     symbols = np.array(raw, dtype=np.int64) % n_sym
-    if book_kind == "seen":
-        counts = symbol_counts(symbols, n_sym)
-    elif book_kind == "skewed":
-        counts = (1000 >> np.minimum(np.arange(n_sym), 60)).astype(np.int64)
-    else:
-        counts = np.ones(n_sym, dtype=np.int64)
+    counts = example_counts(book_kind, symbols, n_sym)
     book = HuffmanCodebook.from_counts(counts)
     stream = encode(symbols, book, chunk_size=chunk_size)
     ref_payload, ref_bits = sequential_encode(symbols, book)
