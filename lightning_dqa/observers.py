@@ -120,7 +120,6 @@ class ChannelStatsObserver(nn.Module):
         cd = self.channel_dim % x.ndim
         return tuple(d for d in range(x.ndim) if d != cd)
 
-    @torch.compiler.disable  # eager statistics: nothing to gain from a graph, and int64 hashing trips inductor
     @torch.no_grad()
     def _update(self, x: Tensor) -> None:
         x = x.detach()
