@@ -36,11 +36,10 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_dqa.codec import HuffmanCodebook, bit_count, symbol_counts
+from lightning_dqa.functional import SCALE_BITS
 
 __all__ = ["COLUMNS", "SCALE_BITS", "MemoryLedger", "TensorBits", "histogram_bits", "tensor_bits"]
 
-SCALE_BITS = 32
-"""Bits of one stored per-channel scale (float32)."""
 COLUMNS: tuple[str, ...] = ("numel", "main_bits", "error_bits", "side_bits", "raw_error_bits", "tensors")
 """Columns of the ledger's ``(L, 6)`` state, in order."""
 

@@ -8,6 +8,7 @@ The hooks are module-level functions: models with quantizers deep-copy and pickl
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ __all__ = [
     "QUANTIZER_ATTR",
     "QuantPoint",
     "attach_quantizers",
+    "build_quantizers",
     "detach_quantizers",
     "find_quant_points",
+    "layer_allocated",
     "output_hook",
     "quantizers_of",
     "tap",
@@ -124,6 +127,31 @@ def layer_bits(config: DQAConfig, index: int, count: int) -> int:
     return bits
 
 
+def layer_allocated(config: DQAConfig, index: int, count: int) -> bool:
+    """Whether target ``index`` of ``count`` gets its widths from the budget (``target_bits``).
+
+    Every quantized layer does, except those whose width ``first_layer_bits`` / ``last_layer_bits`` fixes.
+    """
+    if config.target_bits is None or layer_bits(config, index, count) == 0:
+        return False
+    fixed_last = index == count - 1 and config.last_layer_bits is not None
+    fixed_first = index == 0 and config.first_layer_bits is not None
+    return not (fixed_first or fixed_last)
+
+
+def build_quantizers(
+    points: list[QuantPoint], config: DQAConfig, factory: Callable[[QuantPoint, int], ActivationQuantizer] | None = None
+) -> list[ActivationQuantizer]:
+    """One uninstalled quantizer per point, with its width and whether the budget allocates it."""
+    build = factory if factory is not None else get_method(config.method).factory(config)
+    out = []
+    for i, point in enumerate(points):
+        q = build(point, layer_bits(config, i, len(points)))
+        q.allocated = layer_allocated(config, i, len(points))
+        out.append(q)
+    return out
+
+
 def attach_quantizers(
     model: nn.Module,
     config: DQAConfig,
@@ -143,10 +171,11 @@ def attach_quantizers(
     """
     detach_quantizers(model)
     points = find_quant_points(model, config)
-    build = factory if factory is not None else get_method(config.method).factory(config)
     out: dict[str, ActivationQuantizer] = {}
-    for i, point in enumerate(points):
-        quantizer = build(point, layer_bits(config, i, len(points)))
+    for point, quantizer in zip(points, build_quantizers(points, config, factory), strict=True):
+        device = next(itertools.chain(point.layer.parameters(), point.layer.buffers()), None)
+        if device is not None:  # a model already on the GPU gets its quantizers there too
+            quantizer.to(device.device)
         point.layer.add_module(QUANTIZER_ATTR, quantizer)
         if point.where == "input":
             handle = point.layer.register_forward_pre_hook(_input_hook)

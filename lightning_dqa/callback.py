@@ -54,7 +54,9 @@ class DQACallback(Callback):
 
     Quantization settings (see :class:`lightning_dqa.DQAConfig` for each):
         bits, extra_bits, ratio, method, ranking, scale_mode, code, clipping, percentile, where, layer_types,
-        include, exclude, first_layer_bits, last_layer_bits, seed.
+        include, exclude, first_layer_bits, last_layer_bits, seed, target_bits (a memory budget in bits per
+        value: per-layer widths chosen at calibration; logged as ``dqa/target_bits``,
+        ``dqa/calibration_bits_per_value`` and ``dqa/layer/<name>/{bits,extra_bits,important}``).
 
     Lifecycle settings:
         calibration_samples: samples (not batches) read for calibration, split over ranks.
@@ -103,6 +105,7 @@ class DQACallback(Callback):
         first_layer_bits: int | None = 8,
         last_layer_bits: int | None = None,
         seed: int = 0,
+        target_bits: float | None = None,
         calibration_samples: int = 1000,
         calibration_source: Literal["train", "val"] = "train",
         delay_steps: int = 0,
@@ -361,8 +364,17 @@ class DQACallback(Callback):
                 f"DQACallback calibrated on {samples} samples, fewer than calibration_samples="
                 f"{self.calibration_samples}: the calibration data holds no more"
             )
+        metrics = {"dqa/calibration_samples": float(samples)}
+        allocation = self.report.allocation
+        if allocation is not None:  # the budget, what calibration achieved on its sample, each layer's choice
+            metrics["dqa/target_bits"] = allocation.target_bits
+            metrics["dqa/calibration_bits_per_value"] = allocation.achieved_bits
+            for layer, choice in allocation.choices.items():
+                metrics[f"dqa/layer/{layer}/bits"] = float(choice.bits)
+                metrics[f"dqa/layer/{layer}/extra_bits"] = float(choice.extra_bits)
+                metrics[f"dqa/layer/{layer}/important"] = float(choice.important)
         for logger in trainer.loggers:  # self.log is not allowed in on_fit_start / on_*_start hooks
-            logger.log_metrics({"dqa/calibration_samples": float(samples)}, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
             rank_zero_info(self.report.summary(self.config, samples))
         if self._meter is not None:

@@ -49,8 +49,16 @@ def quantizer_keys(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _compare_layout(mine: Mapping[str, Mapping[str, Tensor]], theirs: Mapping[str, Mapping[str, Any]]) -> None:
-    """Raise ``ValueError`` naming the first layer whose quantizer entries differ in presence, shape or width."""
+def _compare_layout(
+    mine: Mapping[str, Mapping[str, Tensor]],
+    theirs: Mapping[str, Mapping[str, Any]],
+    allocated: frozenset[str] = frozenset(),
+) -> None:
+    """Raise ``ValueError`` naming the first layer whose quantizer entries differ in presence, shape or width.
+
+    Layers in ``allocated`` take their widths from the checkpoint (chosen under a budget): those must be in range
+    and the error histogram must have ``2**extra_bits`` entries.
+    """
     for name in sorted(set(mine) | set(theirs), key=lambda n: (n not in mine, n)):
         if name not in theirs:
             raise ValueError(
@@ -65,8 +73,31 @@ def _compare_layout(mine: Mapping[str, Mapping[str, Tensor]], theirs: Mapping[st
         extra = sorted(set(theirs[name]) - set(mine[name]))
         if extra:
             raise ValueError(f"Checkpoint quantizer of layer {name!r} has unexpected entries {extra}")
+        flexible = _allocated_widths(name, theirs[name]) if name in allocated else ()
         for buf, value in mine[name].items():
-            _compare_buffer(name, buf, value, theirs[name].get(buf))
+            if buf not in flexible:
+                _compare_buffer(name, buf, value, theirs[name].get(buf))
+
+
+def _allocated_widths(name: str, theirs: Mapping[str, Any]) -> tuple[str, ...]:
+    """Check a budget-allocated layer's saved widths; returns the buffers whose values may differ from the model's."""
+    values = {}
+    for buf, lo, hi in (("bits", 2, 8), ("extra_bits", 0, 4)):
+        t = theirs.get(buf)
+        if not isinstance(t, Tensor) or t.shape != () or t.dtype != torch.int64 or not lo <= int(t) <= hi:
+            raise ValueError(
+                f"Checkpoint quantizer of layer {name!r}: expected {buf} to be an int64 scalar in [{lo}, {hi}] "
+                f"(a width chosen under target_bits), got {t!r}"
+            )
+        values[buf] = int(t)
+    counts = theirs.get("error_counts")
+    if not isinstance(counts, Tensor) or tuple(counts.shape) != (2 ** values["extra_bits"],):
+        shape = tuple(counts.shape) if isinstance(counts, Tensor) else counts
+        raise ValueError(
+            f"Checkpoint quantizer of layer {name!r}: expected error_counts of shape ({2 ** values['extra_bits']},) "
+            f"for extra_bits={values['extra_bits']}, got {shape}"
+        )
+    return ("bits", "extra_bits", "error_counts")
 
 
 def _compare_buffer(name: str, buf: str, value: Tensor, other: Any) -> None:
@@ -108,7 +139,9 @@ def check_quantizer_layout(model: nn.Module, state_dict: Mapping[str, Any]) -> b
     theirs = quantizer_keys(state_dict)
     if not theirs:
         return False
-    _compare_layout({name: q.state_dict() for name, q in quantizers_of(model).items()}, theirs)
+    quantizers = quantizers_of(model)
+    allocated = frozenset(name for name, q in quantizers.items() if q.allocated)
+    _compare_layout({name: q.state_dict() for name, q in quantizers.items()}, theirs, allocated)
     return True
 
 

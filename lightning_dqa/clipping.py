@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_dqa import functional as F
 
-__all__ = ["CLIPPINGS", "CLIP_RATIOS", "clip_max"]
+__all__ = ["CLIPPINGS", "CLIP_RATIOS", "clip_max", "clip_max_coarse"]
 
 # Candidate clip ratios (fraction of the observed maximum) for the MSE search: 1.0 down to 0.2.
 CLIP_RATIOS = torch.linspace(1.0, 0.2, 81)
@@ -29,12 +29,14 @@ def _percentile_max(samples: Tensor, percentile: float, max_abs: Tensor) -> Tens
     return torch.minimum(q, max_abs)
 
 
-def _mse_max(samples: Tensor, bits: Tensor, signed: bool, max_abs: Tensor, chunk: int = 16) -> Tensor:
-    """Per-channel maximum minimising ``sum (x - fq(x))**2`` over the sample, searched on :data:`CLIP_RATIOS`."""
+def _mse_max(
+    samples: Tensor, bits: Tensor, signed: bool, max_abs: Tensor, chunk: int = 16, ratios: Tensor = CLIP_RATIOS
+) -> Tensor:
+    """Per-channel maximum minimising ``sum (x - fq(x))**2`` over the sample, searched on ``ratios``."""
     if samples.shape[1] == 0:
         return max_abs
     x = samples.float().to(max_abs.device)  # (C, K)
-    ratios = CLIP_RATIOS.to(max_abs.device)
+    ratios = ratios.to(max_abs.device)
     best_err = torch.full_like(max_abs, float("inf"))
     best = max_abs.clone()
     for start in range(0, ratios.numel(), chunk):
@@ -98,3 +100,13 @@ def clip_max(
         raise ValueError(f"Expected clipping to be one of {list(CLIPPINGS)}, got {method!r}")
     bits_t = torch.as_tensor(bits, device=max_abs.device).expand_as(max_abs)
     return rule(max_abs, samples, bits_t, signed, percentile)
+
+
+def clip_max_coarse(
+    method: str, max_abs: Tensor, samples: Tensor, bits: Tensor, signed: bool, percentile: float, steps: int
+) -> Tensor:
+    """:func:`clip_max` with the MSE search on ``steps`` evenly spaced ratios of :data:`CLIP_RATIOS` (estimates)."""
+    if method != "mse":
+        return clip_max(method, max_abs, samples, bits, signed, percentile)
+    ratios = CLIP_RATIOS[torch.linspace(0, CLIP_RATIOS.numel() - 1, steps).round().long()]
+    return _mse_max(samples, bits, signed, max_abs, ratios=ratios)

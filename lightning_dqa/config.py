@@ -7,6 +7,7 @@ express every field. Every check names the argument, the rule and the value give
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,6 +69,12 @@ class DQAConfig:
             by any camera, hence the default 8 for ``where="input"``.
         last_layer_bits: likewise for the last target layer.
         seed: seed of everything random here (the ``random`` ranking, NoisyQuant's noise, sampling).
+        target_bits: a memory budget, average stored bits per activation value (``None``: every layer gets
+            ``bits``, ``ratio`` and ``extra_bits``). Calibration then chooses each layer's ``n`` (2..8), ratio
+            and ``m`` to lose the least (Fisher-weighted quantization noise) within the budget, counted as the
+            logged ``bits_per_value`` counts (:mod:`lightning_dqa.allocation`); ``bits``, ``ratio`` and
+            ``extra_bits`` are then ignored except by ``first_layer_bits`` / ``last_layer_bits`` layers.
+            Needs method ``dqa`` or ``direct`` and a loss for the Fisher statistics.
 
     """
 
@@ -87,6 +94,7 @@ class DQAConfig:
     first_layer_bits: int | None = 8
     last_layer_bits: int | None = None
     seed: int = 0
+    target_bits: float | None = None
 
     def __post_init__(self) -> None:
         self._check_widths()
@@ -103,6 +111,20 @@ class DQAConfig:
         self._check_layers()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Expected seed to be an int, got {self.seed!r}")
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        t = self.target_bits
+        if t is None:
+            return
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or not 0 < t <= 32:
+            raise ValueError(f"Expected target_bits to be a finite number in (0, 32] bits per value or None, got {t!r}")
+        if self.method not in ("dqa", "direct"):
+            raise ValueError(
+                f"Expected method 'dqa' or 'direct' with target_bits (the budget chooses their widths), "
+                f"got method={self.method!r}"
+            )
+        object.__setattr__(self, "target_bits", float(t))
 
     def _check_widths(self) -> None:
         _int_in("bits", self.bits, MIN_BITS, MAX_BITS)
@@ -165,19 +187,26 @@ class DQAConfig:
         """Whether calibration ranks channels: the method keeps important channels and ``ratio > 0``."""
         from lightning_dqa.methods import get_method
 
-        return get_method(self.method).selects_channels and self.ratio > 0
+        return get_method(self.method).selects_channels and (self.ratio > 0 or self.target_bits is not None)
 
     @property
     def effective_ratio(self) -> float:
-        """The fraction of important channels actually used: 0 unless the method selects channels."""
+        """The fraction of important channels used: 0 unless the method selects channels.
+
+        With ``target_bits``, the largest fraction the allocation may choose.
+        """
+        if self.target_bits is not None and self.selects_channels:
+            from lightning_dqa.allocation import RATIOS
+
+            return max(RATIOS)
         return float(self.ratio) if self.selects_channels else 0.0
 
     @property
     def needs_gradients(self) -> bool:
-        """Whether calibration must run a backward pass (gradient-based rankings)."""
+        """Whether calibration must run a backward pass (gradient-based rankings, budget allocation)."""
         from lightning_dqa.selection import RANKINGS
 
-        return self.selects_channels and RANKINGS[self.ranking].needs_gradients
+        return (self.selects_channels and RANKINGS[self.ranking].needs_gradients) or self.target_bits is not None
 
     def replace(self, **changes: Any) -> DQAConfig:
         """A copy with ``changes`` applied (and validated)."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_dqa.allocation import Allocation, plan, stored_bits_per_sample
 from lightning_dqa.attach import attach_quantizers, quantizers_of
 from lightning_dqa.batches import default_batch_size
 from lightning_dqa.clipping import clip_max
@@ -86,6 +87,7 @@ class CalibrationReport:
         order: target layers in the order the forward pass reached them.
         layers: one :class:`LayerReport` per target layer, in ``order``.
         stats: the reduced per-layer statistics (kept for accounting and ablations).
+        allocation: the per-layer choices under ``target_bits`` (``None`` without a budget).
 
     """
 
@@ -95,13 +97,22 @@ class CalibrationReport:
     order: list[str]
     layers: list[LayerReport]
     stats: dict[str, ChannelStats] = field(repr=False, default_factory=dict)
+    allocation: Allocation | None = None
 
     def summary(self, config: DQAConfig, samples: int | None = None) -> str:
         """One line on what ran (``samples`` over all ranks; default: this rank's), then :meth:`table`."""
         return (
             f"DQA calibration: {self.samples if samples is None else samples} samples, statistics "
             f"{self.stats_seconds:.1f}s, ranking {self.rank_seconds:.1f}s ({config.method}, {config.ranking}, "
-            f"n={config.bits}, m={config.extra_bits}, r={config.effective_ratio})\n{self.table()}"
+            f"{self._widths(config)})\n{self.table()}"
+        )
+
+    def _widths(self, config: DQAConfig) -> str:
+        if self.allocation is None:
+            return f"n={config.bits}, m={config.extra_bits}, r={config.effective_ratio}"
+        return (
+            f"per-layer widths for target_bits={self.allocation.target_bits:g}: "
+            f"{self.allocation.achieved_bits:.3f} bits per value on the calibration sample"
         )
 
     def table(self) -> str:
@@ -190,10 +201,13 @@ def calibrate(
             stats = _reduce(collected, reducer)
             order = collected.order + [n for n in quantizers if n not in collected.order]
             freeze_scales(quantizers, stats, config, important_bits=False)
-            if config.selects_channels:
-                inputs = RankInputs(stats, order, config.seed, model, quantizers, collected.batches, forward_fn)
-                inputs.objective_fn, inputs.progress = objective_fn, rank_progress
-                inputs.reduce_sum = None if reducer is None else (lambda t: reducer(t, "sum"))
+            inputs = RankInputs(stats, order, config.seed, model, quantizers, collected.batches, forward_fn)
+            inputs.objective_fn, inputs.progress = objective_fn, rank_progress
+            inputs.reduce_sum = None if reducer is None else (lambda t: reducer(t, "sum"))
+            allocation = None
+            if config.target_bits is not None:
+                allocation = allocate_widths(quantizers, stats, config, inputs)
+            elif config.selects_channels:
                 select_channels(quantizers, stats, config, inputs)
             if method.step is not None:
                 method.step(MethodContext(model, config, quantizers, collected.inputs))
@@ -201,7 +215,9 @@ def calibrate(
             set_quantizers_enabled(model, True)
             layers = [_layer_report(name, quantizers[name], stats[name]) for name in order]
             rank_seconds = time.perf_counter() - t1
-            return CalibrationReport(collected.samples, collected.seconds, rank_seconds, order, layers, stats)
+            report = CalibrationReport(collected.samples, collected.seconds, rank_seconds, order, layers, stats)
+            report.allocation = allocation
+            return report
     finally:
         model.train(was_training)
 
@@ -222,7 +238,8 @@ def _check_call(
     ):
         raise ValueError(f"Expected num_samples to be a positive int or None, got {num_samples!r}")
     if config.needs_gradients and loss_fn is None:
-        raise ValueError(f"Ranking {config.ranking!r} needs gradients: pass loss_fn")
+        what = f"target_bits={config.target_bits}" if config.target_bits is not None else f"Ranking {config.ranking!r}"
+        raise ValueError(f"{what} needs gradients (Fisher statistics): pass loss_fn")
     if config.selects_channels and RANKINGS[config.ranking].needs_batches and objective_fn is None:
         raise ValueError(f"Ranking {config.ranking!r} needs objective_fn(output, batch) to score candidates")
     return quantizers
@@ -275,6 +292,35 @@ def select_channels(
         if not q.passthrough:
             q.important.copy_(important_mask(scores[name], config.ratio).to(q.important.device))
     freeze_scales(quantizers, stats, config, important_bits=True)
+
+
+def allocate_widths(
+    quantizers: Quantizers, stats: dict[str, ChannelStats], config: DQAConfig, inputs: RankInputs
+) -> Allocation:
+    """Stage 4 under ``target_bits``: per-layer ``n``, ratio and ``m`` (:mod:`lightning_dqa.allocation`).
+
+    The plan works on estimates; once scales and error histograms are final, the bits are counted as the meter
+    counts them and, while above the budget, the layer that loses least per bit saved steps down its options.
+    """
+    scores = RANKINGS[config.ranking].rank(inputs) if config.selects_channels else None
+    allocation = plan(quantizers, stats, config, scores)
+    static = config.scale_mode != "dynamic"
+    changed: list[str] = list(allocation.choices)
+    while changed:
+        for name in changed:
+            q, choice = quantizers[name], allocation.choices[name]
+            q.set_widths(choice.bits, choice.extra_bits)
+            mask = torch.zeros(q.num_channels, dtype=torch.bool)
+            if scores is not None and choice.important:
+                mask = important_mask(scores[name], choice.important / q.num_channels)
+            q.important.copy_(mask.to(q.important.device))
+            freeze_scales({name: q}, stats, config, important_bits=True)
+            _count_errors(q, stats[name])
+        total = sum(stored_bits_per_sample(q, stats[n], static) for n, q in quantizers.items())
+        allocation.achieved_bits = total / allocation.values_per_sample
+        stepped = allocation.step_down() if allocation.achieved_bits > config.target_bits else None
+        changed = [stepped] if stepped is not None else []
+    return allocation
 
 
 def _finish(

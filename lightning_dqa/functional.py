@@ -40,6 +40,10 @@ __all__ = [
 ]
 
 
+SCALE_BITS = 32
+"""Bits of one stored per-channel scale (float32), charged per sample when scales are dynamic."""
+
+
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     """Integer code range ``(qmin, qmax)`` of an ``bits``-bit code.
 

@@ -54,6 +54,8 @@ class ActivationQuantizer(nn.Module):
         signed: initial signedness of codes (calibration may switch it with ``code="auto"``).
         channel_dim: channel axis of the quantized tensor (1 for conv activations, -1 for linear ones).
         name: qualified name of the layer it serves, used in error messages.
+        allocated: the widths are chosen by calibration under a memory budget (``DQAConfig.target_bits``), so a
+            checkpoint or artifact brings its own ``bits`` / ``extra_bits`` (in range) rather than matching these.
 
     Example:
         >>> q = ActivationQuantizer(4, bits=3, scale_mode="dynamic")
@@ -80,6 +82,7 @@ class ActivationQuantizer(nn.Module):
         signed: bool = True,
         channel_dim: int = 1,
         name: str = "",
+        allocated: bool = False,
     ) -> None:
         super().__init__()
         if scale_mode not in ("dynamic", "static", "learnable"):
@@ -91,6 +94,7 @@ class ActivationQuantizer(nn.Module):
         self.scale_mode = scale_mode
         self.channel_dim = channel_dim
         self.name = name
+        self.allocated = bool(allocated)
         self.register_buffer("bits", torch.tensor(int(bits)))
         self.register_buffer("extra_bits", torch.tensor(int(extra_bits)))
         if scale_mode == "learnable":
@@ -148,8 +152,28 @@ class ActivationQuantizer(nn.Module):
         if not self.bits.is_meta:  # a module built on the meta device has no values to read yet
             self._n, self._m, self._signed = int(self.bits), int(self.extra_bits), bool(self.signed)
 
+    @torch.no_grad()
+    def set_widths(self, bits: int, extra_bits: int) -> None:
+        """Set ``bits`` and ``extra_bits`` (budget allocation, or the widths a checkpoint recorded).
+
+        Buffers and mirrors change together; the ``(2**extra_bits,)`` error histogram is replaced by zeros when
+        its size changes. Scales, selection and histogram must be (re)computed afterwards.
+        """
+        self.bits.fill_(int(bits))
+        self.extra_bits.fill_(int(extra_bits))
+        if self.error_counts.numel() != 2 ** int(extra_bits):
+            self.error_counts = torch.zeros(2 ** int(extra_bits), dtype=torch.int64, device=self.error_counts.device)
+        self._n, self._m = int(bits), int(extra_bits)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Load this module's own tensors as usual, then refresh the Python mirrors of the widths and sign."""
+        """Load this module's own tensors as usual, then refresh the Python mirrors of the widths and sign.
+
+        An allocated quantizer first takes the checkpoint's widths (their ranges were checked before loading, see
+        :func:`lightning_dqa.checkpoint.check_quantizer_layout`), so its error histogram has the saved size.
+        """
+        bits, extra = state_dict.get(prefix + "bits"), state_dict.get(prefix + "extra_bits")
+        if self.allocated and isinstance(bits, Tensor) and isinstance(extra, Tensor) and 0 <= int(extra) <= 12:
+            self.set_widths(int(bits), int(extra))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_mirrors()
 
@@ -205,21 +229,25 @@ class ActivationQuantizer(nn.Module):
                 out of range, or does not match this quantizer's channels, widths, channel axis or scale mode.
         """
         owner = owner or f"layer {self.name!r}"
-        for field, mine, lo, hi in (
-            ("channels", self.num_channels, 1, 2**31),
-            ("channel_dim", self.channel_dim, -8, 7),
-            ("bits", self.n, 0, 16),
-            ("extra_bits", self.m, 0, 16),
-        ):
+        fields = [("channels", self.num_channels, 1, 2**31), ("channel_dim", self.channel_dim, -8, 7)]
+        widths = {}
+        if self.allocated:  # chosen by calibration under a budget: the entry says what was chosen
+            n = read_int(entry, "bits", owner, 0 if self.passthrough else 2, 0 if self.passthrough else 8)
+            widths = {"bits": torch.tensor(n), "extra_bits": torch.tensor(read_int(entry, "extra_bits", owner, 0, 4))}
+        else:
+            fields += [("bits", self.n, 0, 16), ("extra_bits", self.m, 0, 16)]
+        for field, mine, lo, hi in fields:
             if read_int(entry, field, owner, lo, hi) != mine:
                 raise fail(owner, field, f"{mine} (the model's value; the config gives it)", entry[field])
+        m = int(widths["extra_bits"]) if widths else self.m
         if entry.get("scale_mode") != self.scale_mode:
             raise fail(owner, "scale_mode", f"{self.scale_mode!r} (the config's)", entry.get("scale_mode"))
         out = {
+            **widths,
             "signed": torch.tensor(read_bool(entry, "signed", owner)),
             "important": self._check_important(entry, owner),
             "error_counts": torch.tensor(
-                read_int_list(entry, "error_counts", owner, 0, 2**62, length=2**self.m), dtype=torch.int64
+                read_int_list(entry, "error_counts", owner, 0, 2**62, length=2**m), dtype=torch.int64
             ),
         }
         if self.scale_mode == "dynamic":
@@ -257,10 +285,12 @@ class ActivationQuantizer(nn.Module):
             checked: buffer name -> tensor of that buffer's shape (``"scale"`` goes through
                 :meth:`set_static_scale`, so a learnable scale stays the same Parameter).
         """
+        if "bits" in checked:  # an allocated quantizer takes the widths its entry recorded
+            self.set_widths(int(checked["bits"]), int(checked["extra_bits"]))
         for name, value in checked.items():
             if name == "scale":
                 self.set_static_scale(value)
-            else:
+            elif name not in ("bits", "extra_bits"):
                 getattr(self, name).copy_(value)
         self.calibrated.fill_(True)
         self.enabled = True

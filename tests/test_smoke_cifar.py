@@ -59,3 +59,12 @@ def test_measured_bits_between_n_and_n_plus_m(results):
     for key in ("direct", "dqa", "paper_direct", "paper_dqa"):
         assert 3.0 <= results[key][1] < 6.0, key
     assert results["dqa"][1] > results["direct"][1]  # the shifting errors cost memory
+
+
+def test_budget_at_uniform_bits_is_no_worse(results, cifar_root, resnet32_weights):
+    """target_bits equal to what uniform 3-bit direct measures: allocation spends it no worse, never above it."""
+    _, uniform_bits = results["direct"]
+    acc, bpv = _accuracy(cifar_root, resnet32_weights, method="dqa", target_bits=uniform_bits)
+    assert acc >= results["direct"][0]
+    # measured on the evaluation images with the code book from calibration: within 0.5 % of the budget
+    assert bpv <= uniform_bits * 1.005

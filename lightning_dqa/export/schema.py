@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from lightning_dqa.attach import QuantPoint, find_quant_points, layer_bits
+from lightning_dqa.attach import QuantPoint, build_quantizers, find_quant_points
 from lightning_dqa.codec import MAX_CODE_LENGTH, HuffmanCodebook
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.fields import fail, read_int_list, show
-from lightning_dqa.methods import get_method
 from lightning_dqa.quantizers import ActivationQuantizer
 
 __all__ = ["FORMAT", "FORMATS", "MAX_BYTES", "check_artifact", "read_artifact", "template_quantizers"]
@@ -101,8 +100,7 @@ def read_config(data: Mapping[str, Any]) -> DQAConfig:
 
 def template_quantizers(points: list[QuantPoint], config: DQAConfig) -> dict[str, ActivationQuantizer]:
     """Uncalibrated quantizers, as :func:`lightning_dqa.engine.prepare` would install them, but not installed."""
-    build = get_method(config.method).factory(config)
-    return {p.name: build(p, layer_bits(config, i, len(points))) for i, p in enumerate(points)}
+    return {p.name: q for p, q in zip(points, build_quantizers(points, config), strict=True)}
 
 
 def _code_lengths(layer: Mapping[str, Any], m: int, owner: str) -> list[int]:
@@ -149,7 +147,7 @@ def _check_layer(
     if v1:
         layer = _upgrade_v1(layer, config, owner)
     checked = q.check_artifact_entry(layer, owner)
-    check_codebook(layer, checked["error_counts"], q.m, owner)
+    check_codebook(layer, checked["error_counts"], int(checked.get("extra_bits", q.m)), owner)
     code = {"signed": True, "unsigned": False}.get(config.code)
     if code is not None and layer["signed"] is not code:
         raise fail(owner, "signed", f"{str(code).lower()} (config code={config.code!r})", layer["signed"])

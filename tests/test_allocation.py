@@ -1,0 +1,167 @@
+"""Memory budget (``target_bits``): per-layer widths whose bits stay within the budget, on any network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import TinyNet, make_data
+
+from lightning_dqa import DQAConfig, calibrate, prepare
+from lightning_dqa.allocation import LayerOption, allocate
+from lightning_dqa.attach import quantizers_of
+from lightning_dqa.checkpoint import check_quantizer_layout
+from lightning_dqa.engine import set_quantizers_enabled
+from lightning_dqa.demos.models import build_model
+from lightning_dqa.export import apply_artifact, export_artifact
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def run(model: torch.nn.Module, config: DQAConfig, x: torch.Tensor, y: torch.Tensor, batch: int = 16):
+    prepare(model, config)
+    batches = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+    return calibrate(
+        model.eval(), config, batches, forward_fn=lambda m, b: m(b[0]),
+        loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+    )  # fmt: skip
+
+
+def tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    x, y = make_data(64, 3).tensors
+    return TinyNet().net, x, y
+
+
+NETWORKS = {
+    "resnet32": lambda: (build_model("resnet32"), (3, 32, 32), 10),
+    "mobilenetv2": lambda: (build_model("mobilenetv2", width_mult=0.5), (3, 32, 32), 10),
+    "unet": lambda: (build_model("unet", num_classes=12, base_width=8, depth=2), (3, 32, 32), 12),
+}
+
+
+def torchvision_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(num_classes=10), (3, 32, 32), 10
+
+
+@pytest.mark.parametrize("name", [*NETWORKS, "torchvision_resnet18"])
+@pytest.mark.parametrize("budget", [2.6, 3.5, 5.0])
+def test_achieved_bits_never_exceed_the_budget(name, budget):
+    torch.manual_seed(0)
+    model, shape, classes = torchvision_resnet18() if name == "torchvision_resnet18" else NETWORKS[name]()
+    x = torch.randn(32, *shape)
+    out = model.eval()(x[:2])
+    y = torch.randint(0, classes, (32, *out.shape[2:]))
+    report = run(model, DQAConfig(target_bits=budget, first_layer_bits=8), x, y)
+    allocation = report.allocation
+    assert allocation is not None
+    assert allocation.achieved_bits <= budget + 1e-9
+    assert allocation.achieved_bits >= budget - 0.6  # the budget is spent, not ignored
+    assert set(allocation.choices) == {n for n, q in quantizers_of(model).items() if q.allocated}
+    first = next(iter(quantizers_of(model).values()))
+    assert first.n == 8 and not first.allocated  # first_layer_bits fixes the image layer
+    for name_, q in quantizers_of(model).items():
+        choice = allocation.choices.get(name_)
+        if choice is not None:
+            assert (q.n, q.m, int(q.important.sum())) == (choice.bits, choice.extra_bits, choice.important)
+
+
+def test_more_budget_never_more_estimated_noise():
+    noise = []
+    for budget in (2.5, 3.0, 4.0, 6.0):
+        model, x, y = tiny()
+        report = run(model, DQAConfig(target_bits=budget, first_layer_bits=None), x, y)
+        noise.append(sum(o.noise for o in report.allocation.choices.values()))
+    assert noise == sorted(noise, reverse=True)
+    assert noise[0] > noise[-1]
+
+
+def test_direct_budget_chooses_widths_only():
+    model, x, y = tiny()
+    report = run(model, DQAConfig(target_bits=4.0, method="direct", first_layer_bits=None), x, y)
+    assert all(o.important == 0 and o.extra_bits == 0 for o in report.allocation.choices.values())
+    assert not any(bool(q.important.any()) for q in quantizers_of(model).values())
+    assert report.allocation.achieved_bits <= 4.0
+
+
+def test_solver_on_a_known_problem():
+    def opt(bits, noise):
+        return LayerOption(bits, 0.0, 0, 0, float(bits), float(noise))
+
+    options = {"a": [opt(2, 10), opt(3, 4), opt(4, 3)], "b": [opt(2, 8), opt(3, 7), opt(4, 1)]}
+    # 7 bits over 2 values: the best split is a=3 (-6), b=4 would cost 2 more bits (-7 for 2 bits), too much
+    alloc = allocate(options, fixed_bits_per_sample=0.0, values_per_sample=2, target_bits=3.5)
+    assert {n: o.bits for n, o in alloc.choices.items()} == {"a": 3, "b": 4}
+    alloc = allocate(options, fixed_bits_per_sample=0.0, values_per_sample=2, target_bits=2.5)
+    assert {n: o.bits for n, o in alloc.choices.items()} == {"a": 3, "b": 2}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0, 33, "3", True])
+def test_invalid_budget_values(bad):
+    with pytest.raises(ValueError, match=r"target_bits.*finite number in \(0, 32\]"):
+        DQAConfig(target_bits=bad)
+
+
+def test_budget_below_two_bits_everywhere_names_the_minimum():
+    model, x, y = tiny()
+    with pytest.raises(ValueError, match=r"Expected target_bits >= 2\.\d+ \(2-bit codes on every layer.*got 1\.5"):
+        run(model, DQAConfig(target_bits=1.5, first_layer_bits=None), x, y)
+
+
+def test_budget_needs_a_width_method_and_a_loss():
+    with pytest.raises(ValueError, match="method 'dqa' or 'direct' with target_bits.*'noisyquant'"):
+        DQAConfig(target_bits=3.0, method="noisyquant")
+    model, x, y = tiny()
+    config = DQAConfig(target_bits=3.0, first_layer_bits=None)
+    prepare(model, config)
+    with pytest.raises(ValueError, match=r"target_bits=3\.0 needs gradients"):
+        calibrate(model, config, [(x, y)], forward_fn=lambda m, b: m(b[0]))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_checkpoint_round_trip_restores_the_chosen_widths():
+    model, x, y = tiny()
+    config = DQAConfig(target_bits=3.0, first_layer_bits=None)
+    run(model, config, x, y)
+    saved = _state(model)
+    fresh, _, _ = tiny(seed=1)
+    prepare(fresh, config)
+    assert check_quantizer_layout(fresh, saved)
+    fresh.load_state_dict(saved)
+    set_quantizers_enabled(fresh, True)  # prepare leaves them off; load_quantized / the callback switch them on
+    for (name, q), (_, p) in zip(quantizers_of(model).items(), quantizers_of(fresh).items(), strict=True):
+        assert (q.n, q.m) == (p.n, p.m), name
+    assert torch.equal(model.eval()(x), fresh.eval()(x))
+
+
+def test_checkpoint_with_out_of_range_widths_is_refused_untouched():
+    model, x, y = tiny()
+    config = DQAConfig(target_bits=3.0, first_layer_bits=None)
+    run(model, config, x, y)
+    saved = _state(model)
+    name = next(k for k in saved if k.endswith("dqa_quantizer.bits"))
+    saved[name] = torch.tensor(9)
+    fresh, _, _ = tiny(seed=1)
+    prepare(fresh, config)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=r"bits to be an int64 scalar in \[2, 8\].*got tensor\(9\)"):
+        check_quantizer_layout(fresh, saved)
+    assert all(torch.equal(before[k], v) for k, v in _state(fresh).items())
+
+
+def test_artifact_round_trip_with_allocated_widths(tmp_path):
+    model, x, y = tiny()
+    config = DQAConfig(target_bits=3.0, first_layer_bits=None)
+    run(model, config, x, y)
+    path = tmp_path / "dqa.json"
+    export_artifact(model, path, config)
+    fresh, _, _ = tiny()
+    apply_artifact(fresh, path)
+    for (name, q), (_, p) in zip(quantizers_of(model).items(), quantizers_of(fresh).items(), strict=True):
+        assert (q.n, q.m) == (p.n, p.m), name
+        assert torch.equal(q.error_counts, p.error_counts) and torch.equal(q.important, p.important)
+    assert torch.equal(model.eval()(x), fresh.eval()(x))
