@@ -11,8 +11,8 @@ from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.allocation import LayerOption, allocate
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.checkpoint import check_quantizer_layout
-from lightning_dqa.engine import set_quantizers_enabled
 from lightning_dqa.demos.models import build_model
+from lightning_dqa.engine import set_quantizers_enabled
 from lightning_dqa.export import apply_artifact, export_artifact
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -110,7 +110,7 @@ def test_budget_below_two_bits_everywhere_names_the_minimum():
 
 
 def test_budget_needs_a_width_method_and_a_loss():
-    with pytest.raises(ValueError, match="method 'dqa' or 'direct' with target_bits.*'noisyquant'"):
+    with pytest.raises(ValueError, match=r"method 'dqa' or 'direct' with target_bits.*'noisyquant'"):
         DQAConfig(target_bits=3.0, method="noisyquant")
     model, x, y = tiny()
     config = DQAConfig(target_bits=3.0, first_layer_bits=None)
