@@ -43,23 +43,39 @@ struct Writer {
     }
 };
 
-// MSB-first bit reader; reads past the end see zero bits (the caller checks the positions it reaches).
+// MSB-first bit reader over a 64-bit buffer, refilled 8 bytes at a time; bits past the end read as zeros
+// (the caller checks the positions it reaches).
 struct Reader {
     const uint8_t* in;
     int64_t size;
-    int64_t pos;  // bit position of the next unread bit
+    int64_t next = 0;  // next byte to load
+    uint64_t buf = 0;  // unread bits, left-aligned
+    int nbuf = 0;      // valid bits in buf
 
-    inline uint32_t peek(int len) const {  // the next len <= 24 bits, right-aligned
-        int64_t byte = pos >> 3;
-        uint32_t w = 0;
-        if (byte + 4 <= size) {
-            w = (uint32_t(in[byte]) << 24) | (uint32_t(in[byte + 1]) << 16) | (uint32_t(in[byte + 2]) << 8) |
-                uint32_t(in[byte + 3]);
-        } else {
-            for (int i = 0; i < 4; ++i) w = (w << 8) | (byte + i < size ? uint32_t(in[byte + i]) : 0u);
+    inline void refill() {  // afterwards nbuf >= 57
+        if (next + 8 <= size) {
+            uint64_t w;
+            std::memcpy(&w, in + next, 8);
+            w = __builtin_bswap64(w);
+            buf |= w >> nbuf;  // bits beyond the whole bytes taken are the true next bits: OR-ing them again is harmless
+            const int take = (63 - nbuf) >> 3;
+            next += take;
+            nbuf += 8 * take;
+            return;
         }
-        return (w << (pos & 7)) >> (32 - len);
+        while (nbuf <= 56) {
+            const uint64_t byte = next < size ? in[next] : 0;
+            ++next;
+            buf |= byte << (56 - nbuf);
+            nbuf += 8;
+        }
     }
+    inline uint32_t peek(int len) const { return uint32_t(buf >> (64 - len)); }
+    inline void skip(int len) {
+        buf <<= len;
+        nbuf -= len;
+    }
+    inline int64_t bitpos() const { return 8 * next - nbuf; }
 };
 
 }  // namespace
@@ -71,7 +87,7 @@ extern "C" {
 int dqa_encode(const float* x, int64_t outer, int64_t channels, int64_t inner, const float* inv_n,
                const float* inv_hi, const uint8_t* important, int n, int m, int is_signed, const uint32_t* hcodes,
                const uint8_t* hlens, int64_t chunk, uint8_t* main_out, uint8_t* err_out, int64_t* offsets,
-               int64_t* err_bits, int16_t* scratch) {
+               int64_t* err_bits, int32_t* scratch) {
     const float lo_n = is_signed ? -float(1 << (n - 1)) : 0.0f;
     const float hi_n = is_signed ? float((1 << (n - 1)) - 1) : float((1 << n) - 1);
     const float lo_h = is_signed ? -float(1 << (n + m - 1)) : 0.0f;
@@ -89,10 +105,19 @@ int dqa_encode(const float* x, int64_t outer, int64_t channels, int64_t inner, c
                 float v = std::nearbyint(row[i] * inv);
                 nan |= (v != v);
                 v = v < lo ? lo : (v > hi ? hi : v);
-                scratch[i] = static_cast<int16_t>(v);
+                scratch[i] = static_cast<int32_t>(v);
             }
-            if (!imp) {
-                for (int64_t i = 0; i < inner; ++i) mw.put(uint32_t(scratch[i] & nmask), n);
+            if (!imp) {  // four n-bit codes per put (4n <= 32 bits for n <= 8)
+                int64_t i = 0;
+                if (n <= 8) {
+                    for (; i + 4 <= inner; i += 4) {
+                        const uint32_t v = (uint32_t(scratch[i] & nmask) << (3 * n)) |
+                                           (uint32_t(scratch[i + 1] & nmask) << (2 * n)) |
+                                           (uint32_t(scratch[i + 2] & nmask) << n) | uint32_t(scratch[i + 3] & nmask);
+                        mw.put(v, 4 * n);
+                    }
+                }
+                for (; i < inner; ++i) mw.put(uint32_t(scratch[i] & nmask), n);
                 continue;
             }
             for (int64_t i = 0; i < inner; ++i) {
@@ -126,40 +151,50 @@ int dqa_decode(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in
                const uint8_t* len_table, int lmax, int64_t outer, int64_t channels, int64_t inner,
                const float* scale_n, const float* scale_hi, const uint8_t* important, int n, int m, int is_signed,
                float* out) {
-    Reader mr{main_in, main_bytes, 0}, er{err_in, err_bytes, 0};
+    Reader mr{main_in, main_bytes}, er{err_in, err_bytes};
+    mr.refill();
+    er.refill();
     const int32_t sign_bit = is_signed ? (1 << (n - 1)) : 0;
     int64_t raw = 0, chunk_left = 0, next_chunk = 0;
     for (int64_t o = 0; o < outer; ++o) {
         for (int64_t c = 0; c < channels; ++c) {
             float* row = out + (o * channels + c) * inner;
-            const bool imp = important[c] != 0;
-            const float s = imp ? scale_hi[c] : scale_n[c];
-            for (int64_t i = 0; i < inner; ++i) {
-                int32_t q = int32_t(mr.peek(n));
-                mr.pos += n;
-                q = (q ^ sign_bit) - sign_bit;  // sign-extend the two's complement field
-                if (imp) {
-                    int32_t e;
-                    if (sym_table == nullptr) {
-                        e = err_in[raw++];
-                    } else {
-                        if (chunk_left == 0) {
-                            if (er.pos != offsets[next_chunk++]) return 1;
-                            chunk_left = chunk;
-                        }
-                        --chunk_left;
-                        const uint32_t key = er.peek(lmax);
-                        e = sym_table[key];
-                        if (e < 0) return 2;
-                        er.pos += len_table[key];
-                    }
-                    q = q * (1 << m) + e;
+            if (important[c] == 0) {
+                const float s = scale_n[c];
+                for (int64_t i = 0; i < inner; ++i) {
+                    if (mr.nbuf < 16) mr.refill();
+                    const int32_t q = (int32_t(mr.peek(n)) ^ sign_bit) - sign_bit;  // sign-extend the field
+                    mr.skip(n);
+                    row[i] = static_cast<float>(q) * s;
                 }
+                continue;
+            }
+            const float s = scale_hi[c];
+            for (int64_t i = 0; i < inner; ++i) {
+                if (mr.nbuf < 16) mr.refill();
+                int32_t q = (int32_t(mr.peek(n)) ^ sign_bit) - sign_bit;
+                mr.skip(n);
+                int32_t e;
+                if (sym_table == nullptr) {
+                    e = err_in[raw++];
+                } else {
+                    if (chunk_left == 0) {
+                        if (er.bitpos() != offsets[next_chunk++]) return 1;
+                        chunk_left = chunk;
+                    }
+                    --chunk_left;
+                    if (er.nbuf < 16) er.refill();
+                    const uint32_t key = er.peek(lmax);
+                    e = sym_table[key];
+                    if (e < 0) return 2;
+                    er.skip(len_table[key]);
+                }
+                q = q * (1 << m) + e;
                 row[i] = static_cast<float>(q) * s;
             }
         }
     }
-    if (sym_table != nullptr && er.pos != err_bits) return 3;
+    if (sym_table != nullptr && er.bitpos() != err_bits) return 3;
     return 0;
 }
 

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 __all__ = ["native_library", "native_status"]
 
@@ -32,8 +33,9 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shar
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
-_ENCODE_ARGS = [_P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT, _P, _P, _I64, _P, _P, _P, _P, _P]
-_DECODE_ARGS = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT, _P]
+_ENCODE_ARGS: list[Any] = [_P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT, _P, _P, _I64, _P, _P, _P, _P, _P]
+_DECODE_ARGS: list[Any] = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _I64, _I64, _I64, _P, _P, _P]
+_DECODE_ARGS += [_INT, _INT, _INT, _P]
 
 
 def _cache_dir() -> Path:
