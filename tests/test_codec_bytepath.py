@@ -152,3 +152,35 @@ def test_the_fallback_path_writes_the_same_blob(coder: str, monkeypatch: pytest.
     assert quantizer_to_bytes(q, x, coder=coder) == blob
     with torch.no_grad():
         assert torch.equal(bytes_to_values(q, blob), q(x) + 0.0)
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(6))
+def test_split_walks_join_to_the_reference_bytes(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several threads, each on a range of the outer axis, with chunk boundaries falling inside their ranges."""
+    monkeypatch.setattr("lightning_dqa.codec.bytepath._MIN_PARALLEL", 1)
+    monkeypatch.setattr("lightning_dqa.codec.bytepath.torch.get_num_threads", lambda: 2 + seed % 3)
+    gen = torch.Generator().manual_seed(seed)
+    signed = bool(seed % 2)
+    x = torch.randn(7, 5, 9, 8, generator=gen)
+    m = 1 + seed % 4
+    case = {
+        "scale_n": F.scale_from_max(torch.rand(5, generator=gen) + 0.1, 3 + seed % 2, signed),
+        "important": torch.rand(5, generator=gen) < 0.6, "bits": 3 + seed % 2, "extra_bits": m, "signed": signed,
+        "channel_dim": 1, "codebook": HuffmanCodebook.from_counts(torch.randint(0, 40, (2**m,), generator=gen)),
+        "chunk_size": 5 + 7 * seed,
+    }  # fmt: skip
+    for book in (case["codebook"], None):
+        c = {**case, "codebook": book}
+        fast, ref = encode_values(x, **c), _encode_reference(x, **c)
+        assert np.array_equal(fast.main, ref.main) and fast.error_bits == ref.error_bits
+        assert np.array_equal(fast.error.astype(np.int64), ref.error.astype(np.int64))
+        assert np.array_equal(fast.offsets, ref.offsets)
+        out = decode_values(fast, tuple(x.shape), **c)
+        assert torch.equal(out.view(torch.int32), _decode_reference(ref, tuple(x.shape), **c).view(torch.int32))
+    fast = encode_values(x, **case)
+    assert len(fast.offsets) > 2
+    for i in range(1, len(fast.offsets)):  # a wrong offset is caught, in whichever thread's range it falls
+        bad = type(fast)(fast.main, fast.error, fast.offsets + (np.arange(len(fast.offsets)) == i), fast.error_bits)
+        with pytest.raises(ValueError, match="Corrupted"):
+            decode_values(bad, tuple(x.shape), **case)

@@ -10,6 +10,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -78,69 +81,234 @@ struct Reader {
     inline int64_t bitpos() const { return 8 * next - nbuf; }
 };
 
-}  // namespace
 
-extern "C" {
+struct Layout {
+    int64_t outer, channels, inner;
+    const uint8_t* important;
+    int n, m, is_signed;
+    int64_t k;  // important channels
+};
 
-// Returns 0, or -1 when a value is NaN (no code exists for it). `raw_err` receives the error symbols as
-// bytes instead of Huffman codes when `hcodes` is null (other entropy coders take them from there).
-int dqa_encode(const float* x, int64_t outer, int64_t channels, int64_t inner, const float* inv_n,
-               const float* inv_hi, const uint8_t* important, int n, int m, int is_signed, const uint32_t* hcodes,
-               const uint8_t* hlens, int64_t chunk, uint8_t* main_out, uint8_t* err_out, int64_t* offsets,
-               int64_t* err_bits, int32_t* scratch) {
-    const float lo_n = is_signed ? -float(1 << (n - 1)) : 0.0f;
-    const float hi_n = is_signed ? float((1 << (n - 1)) - 1) : float((1 << n) - 1);
-    const float lo_h = is_signed ? -float(1 << (n + m - 1)) : 0.0f;
-    const float hi_h = is_signed ? float((1 << (n + m - 1)) - 1) : float((1 << (n + m)) - 1);
-    const int32_t nmask = (1 << n) - 1, emask = (1 << m) - 1;
-    Writer mw{main_out}, ew{err_out};
-    int64_t symbols = 0, raw = 0, chunk_left = 0, next_chunk = 0;
+// --------------------------------------------------------------------------------------------- encoding
+struct EncodePart {
+    int64_t o0, o1;       // outer range
+    uint8_t* main_out;    // where this part's main codes start (a whole byte: the caller checks alignment)
+    uint8_t* err_out;     // its own Huffman buffer, or the raw-symbol array at its first symbol
+    int64_t* offsets;     // all chunk offsets; this part writes those of the chunks starting in it (local bits)
+    int64_t sym0;         // index of its first error symbol
+    int64_t err_bits = 0;
     int nan = 0;
-    for (int64_t o = 0; o < outer; ++o) {
-        for (int64_t c = 0; c < channels; ++c) {
-            const float* row = x + (o * channels + c) * inner;
-            const bool imp = important[c] != 0;
+};
+
+void encode_part(const float* x, const Layout& L, const float* inv_n, const float* inv_hi, const uint32_t* hcodes,
+                 const uint8_t* hlens, int64_t chunk, EncodePart& P) {
+    const int n = L.n, m = L.m;
+    const float lo_n = L.is_signed ? -float(1 << (n - 1)) : 0.0f;
+    const float hi_n = L.is_signed ? float((1 << (n - 1)) - 1) : float((1 << n) - 1);
+    const float lo_h = L.is_signed ? -float(1 << (n + m - 1)) : 0.0f;
+    const float hi_h = L.is_signed ? float((1 << (n + m - 1)) - 1) : float((1 << (n + m)) - 1);
+    const int32_t nmask = (1 << n) - 1, emask = (1 << m) - 1;
+    std::vector<int32_t> scratch(L.inner > 0 ? L.inner : 1);
+    Writer mw{P.main_out}, ew{P.err_out};
+    const int64_t phase = P.sym0 % chunk;
+    int64_t raw = 0, chunk_left = phase ? chunk - phase : 0, next_chunk = (P.sym0 + chunk - 1) / chunk;
+    int nan = 0;
+    for (int64_t o = P.o0; o < P.o1; ++o) {
+        for (int64_t c = 0; c < L.channels; ++c) {
+            const float* row = x + (o * L.channels + c) * L.inner;
+            const bool imp = L.important[c] != 0;
             const float inv = imp ? inv_hi[c] : inv_n[c], lo = imp ? lo_h : lo_n, hi = imp ? hi_h : hi_n;
-            for (int64_t i = 0; i < inner; ++i) {  // vectorizable: multiply, round half to even, clamp
+            int32_t* sc = scratch.data();
+            for (int64_t i = 0; i < L.inner; ++i) {  // vectorizable: multiply, round half to even, clamp
                 float v = std::nearbyint(row[i] * inv);
                 nan |= (v != v);
                 v = v < lo ? lo : (v > hi ? hi : v);
-                scratch[i] = static_cast<int32_t>(v);
+                sc[i] = static_cast<int32_t>(v);
             }
             if (!imp) {  // four n-bit codes per put (4n <= 32 bits for n <= 8)
                 int64_t i = 0;
                 if (n <= 8) {
-                    for (; i + 4 <= inner; i += 4) {
-                        const uint32_t v = (uint32_t(scratch[i] & nmask) << (3 * n)) |
-                                           (uint32_t(scratch[i + 1] & nmask) << (2 * n)) |
-                                           (uint32_t(scratch[i + 2] & nmask) << n) | uint32_t(scratch[i + 3] & nmask);
+                    for (; i + 4 <= L.inner; i += 4) {
+                        const uint32_t v = (uint32_t(sc[i] & nmask) << (3 * n)) |
+                                           (uint32_t(sc[i + 1] & nmask) << (2 * n)) |
+                                           (uint32_t(sc[i + 2] & nmask) << n) | uint32_t(sc[i + 3] & nmask);
                         mw.put(v, 4 * n);
                     }
                 }
-                for (; i < inner; ++i) mw.put(uint32_t(scratch[i] & nmask), n);
+                for (; i < L.inner; ++i) mw.put(uint32_t(sc[i] & nmask), n);
                 continue;
             }
-            for (int64_t i = 0; i < inner; ++i) {
-                const int32_t q = scratch[i];
+            for (int64_t i = 0; i < L.inner; ++i) {
+                const int32_t q = sc[i];
                 mw.put(uint32_t((q >> m) & nmask), n);
                 const int32_t e = q & emask;
                 if (hcodes == nullptr) {
-                    err_out[raw++] = static_cast<uint8_t>(e);
+                    P.err_out[raw++] = static_cast<uint8_t>(e);
                     continue;
                 }
                 if (chunk_left == 0) {
-                    offsets[next_chunk++] = ew.bits();
+                    P.offsets[next_chunk++] = ew.bits();
                     chunk_left = chunk;
                 }
                 --chunk_left;
                 ew.put(hcodes[e], hlens[e]);
-                ++symbols;
             }
         }
     }
     mw.finish();
-    *err_bits = ew.bits();
+    P.err_bits = ew.bits();
     ew.finish();
+    P.nan = nan;
+}
+
+// OR `nbits` bits of `src` (zero padded) into `dst` starting at bit `base` (dst zero beyond `base`).
+void append_bits(uint8_t* dst, int64_t base, const uint8_t* src, int64_t nbits) {
+    const int64_t nbytes = (nbits + 7) / 8, b = base >> 3;
+    const int shift = int(base & 7);
+    if (shift == 0) {
+        std::memcpy(dst + b, src, nbytes);
+        return;
+    }
+    for (int64_t j = 0; j < nbytes; ++j) {
+        dst[b + j] |= uint8_t(src[j] >> shift);
+        dst[b + j + 1] = uint8_t(src[j] << (8 - shift));
+    }
+}
+
+// --------------------------------------------------------------------------------------------- decoding
+struct DecodePart {
+    int64_t o0, o1;
+    int64_t sym0;
+    int64_t start = 0, end = 0;  // bit positions of its first error symbol and after its last
+    int status = 0;
+};
+
+void decode_part(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in, int64_t err_bytes,
+                 int64_t err_bits, const int64_t* offsets, int64_t chunk, const int32_t* sym_table,
+                 const uint8_t* len_table, int lmax, const Layout& L, const float* scale_n, const float* scale_hi,
+                 float* out, DecodePart& P) {
+    const int n = L.n, m = L.m;
+    const int64_t mbit = P.o0 * L.channels * L.inner * n;
+    Reader mr{main_in, main_bytes, mbit >> 3}, er{err_in, err_bytes};
+    mr.refill();
+    mr.skip(int(mbit & 7));
+    const int32_t sign_bit = L.is_signed ? (1 << (n - 1)) : 0;
+    const int64_t phase = P.sym0 % chunk;
+    int64_t raw = P.sym0, chunk_left = phase ? chunk - phase : 0, next_chunk = (P.sym0 + chunk - 1) / chunk;
+    if (sym_table != nullptr && L.k > 0 && L.inner > 0 && P.o0 < P.o1) {
+        const int64_t start = offsets[P.sym0 / chunk];  // the chunk holding sym0, then `phase` codes skipped
+        if (start < 0 || start > err_bits) { P.status = 1; return; }
+        er.next = start >> 3;
+        er.refill();
+        er.skip(int(start & 7));
+        for (int64_t j = 0; j < phase; ++j) {
+            if (er.nbuf < 16) er.refill();
+            const uint32_t key = er.peek(lmax);
+            if (sym_table[key] < 0) { P.status = 2; return; }
+            er.skip(len_table[key]);
+        }
+    }
+    P.start = er.bitpos();
+    for (int64_t o = P.o0; o < P.o1; ++o) {
+        for (int64_t c = 0; c < L.channels; ++c) {
+            float* row = out + (o * L.channels + c) * L.inner;
+            if (L.important[c] == 0) {
+                const float s = scale_n[c];
+                for (int64_t i = 0; i < L.inner; ++i) {
+                    if (mr.nbuf < 16) mr.refill();
+                    const int32_t q = (int32_t(mr.peek(n)) ^ sign_bit) - sign_bit;  // sign-extend the field
+                    mr.skip(n);
+                    row[i] = static_cast<float>(q) * s;
+                }
+                continue;
+            }
+            const float s = scale_hi[c];
+            for (int64_t i = 0; i < L.inner; ++i) {
+                if (mr.nbuf < 16) mr.refill();
+                int32_t q = (int32_t(mr.peek(n)) ^ sign_bit) - sign_bit;
+                mr.skip(n);
+                int32_t e;
+                if (sym_table == nullptr) {
+                    e = err_in[raw++];
+                } else {
+                    if (chunk_left == 0) {
+                        if (er.bitpos() != offsets[next_chunk++]) { P.status = 1; return; }
+                        chunk_left = chunk;
+                    }
+                    --chunk_left;
+                    if (er.nbuf < 16) er.refill();
+                    const uint32_t key = er.peek(lmax);
+                    e = sym_table[key];
+                    if (e < 0) { P.status = 2; return; }
+                    er.skip(len_table[key]);
+                }
+                q = q * (1 << m) + e;
+                row[i] = static_cast<float>(q) * s;
+            }
+        }
+    }
+    P.end = er.bitpos();
+}
+
+// Outer splits for `threads` parts; one part when the main codes of a split would not start on a whole byte.
+std::vector<int64_t> splits(const Layout& L, int threads) {
+    if (threads < 1 || (L.channels * L.inner * L.n) % 8 != 0) threads = 1;
+    if (threads > L.outer) threads = L.outer > 0 ? int(L.outer) : 1;
+    std::vector<int64_t> at;
+    for (int t = 0; t <= threads; ++t) at.push_back(L.outer * t / threads);
+    return at;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or -1 when a value is NaN (no code exists for it). `err_out` receives the error symbols as
+// bytes instead of Huffman codes when `hcodes` is null (other entropy coders take them from there). The walk is
+// split over `threads` ranges of the outer axis; their Huffman streams are joined bit-exactly afterwards.
+int dqa_encode(const float* x, int64_t outer, int64_t channels, int64_t inner, const float* inv_n,
+               const float* inv_hi, const uint8_t* important, int n, int m, int is_signed, const uint32_t* hcodes,
+               const uint8_t* hlens, int64_t chunk, uint8_t* main_out, uint8_t* err_out, int64_t* offsets,
+               int64_t* err_bits, int threads) {
+    int64_t k = 0;
+    for (int64_t c = 0; c < channels; ++c) k += important[c] != 0;
+    const Layout L{outer, channels, inner, important, n, m, is_signed, k};
+    const std::vector<int64_t> at = splits(L, threads);
+    const int parts = int(at.size()) - 1;
+    std::vector<EncodePart> P(parts);
+    std::vector<std::vector<uint8_t>> bufs(parts);
+    int lmax = 0;
+    for (int s = 0; hcodes != nullptr && s < (1 << m); ++s) lmax = hlens[s] > lmax ? hlens[s] : lmax;
+    for (int t = 0; t < parts; ++t) {
+        const int64_t sym0 = at[t] * k * inner;
+        P[t].o0 = at[t];
+        P[t].o1 = at[t + 1];
+        P[t].main_out = main_out + at[t] * channels * inner * n / 8;
+        P[t].offsets = offsets;
+        P[t].sym0 = sym0;
+        if (hcodes == nullptr || t == 0) {
+            P[t].err_out = hcodes == nullptr ? err_out + sym0 : err_out;
+        } else {
+            bufs[t].assign(((at[t + 1] - at[t]) * k * inner * lmax + 7) / 8 + 8, 0);
+            P[t].err_out = bufs[t].data();
+        }
+    }
+    std::vector<std::thread> pool;
+    for (int t = 1; t < parts; ++t)
+        pool.emplace_back(encode_part, x, std::cref(L), inv_n, inv_hi, hcodes, hlens, chunk, std::ref(P[t]));
+    encode_part(x, L, inv_n, inv_hi, hcodes, hlens, chunk, P[0]);
+    for (auto& th : pool) th.join();
+    int64_t base = P[0].err_bits;
+    int nan = P[0].nan;
+    for (int t = 1; t < parts; ++t) {
+        nan |= P[t].nan;
+        if (hcodes == nullptr) continue;
+        append_bits(err_out, base, P[t].err_out, P[t].err_bits);
+        const int64_t first = (P[t].sym0 + chunk - 1) / chunk, last = (at[t + 1] * k * inner + chunk - 1) / chunk;
+        for (int64_t j = first; j < last; ++j) offsets[j] += base;
+        base += P[t].err_bits;
+    }
+    *err_bits = hcodes == nullptr ? 0 : base;
     return nan ? -1 : 0;
 }
 
@@ -150,51 +318,30 @@ int dqa_decode(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in
                int64_t err_bits, const int64_t* offsets, int64_t chunk, const int32_t* sym_table,
                const uint8_t* len_table, int lmax, int64_t outer, int64_t channels, int64_t inner,
                const float* scale_n, const float* scale_hi, const uint8_t* important, int n, int m, int is_signed,
-               float* out) {
-    Reader mr{main_in, main_bytes}, er{err_in, err_bytes};
-    mr.refill();
-    er.refill();
-    const int32_t sign_bit = is_signed ? (1 << (n - 1)) : 0;
-    int64_t raw = 0, chunk_left = 0, next_chunk = 0;
-    for (int64_t o = 0; o < outer; ++o) {
-        for (int64_t c = 0; c < channels; ++c) {
-            float* row = out + (o * channels + c) * inner;
-            if (important[c] == 0) {
-                const float s = scale_n[c];
-                for (int64_t i = 0; i < inner; ++i) {
-                    if (mr.nbuf < 16) mr.refill();
-                    const int32_t q = (int32_t(mr.peek(n)) ^ sign_bit) - sign_bit;  // sign-extend the field
-                    mr.skip(n);
-                    row[i] = static_cast<float>(q) * s;
-                }
-                continue;
-            }
-            const float s = scale_hi[c];
-            for (int64_t i = 0; i < inner; ++i) {
-                if (mr.nbuf < 16) mr.refill();
-                int32_t q = (int32_t(mr.peek(n)) ^ sign_bit) - sign_bit;
-                mr.skip(n);
-                int32_t e;
-                if (sym_table == nullptr) {
-                    e = err_in[raw++];
-                } else {
-                    if (chunk_left == 0) {
-                        if (er.bitpos() != offsets[next_chunk++]) return 1;
-                        chunk_left = chunk;
-                    }
-                    --chunk_left;
-                    if (er.nbuf < 16) er.refill();
-                    const uint32_t key = er.peek(lmax);
-                    e = sym_table[key];
-                    if (e < 0) return 2;
-                    er.skip(len_table[key]);
-                }
-                q = q * (1 << m) + e;
-                row[i] = static_cast<float>(q) * s;
-            }
-        }
+               float* out, int threads) {
+    int64_t k = 0;
+    for (int64_t c = 0; c < channels; ++c) k += important[c] != 0;
+    const Layout L{outer, channels, inner, important, n, m, is_signed, k};
+    const std::vector<int64_t> at = splits(L, threads);
+    const int parts = int(at.size()) - 1;
+    std::vector<DecodePart> P(parts);
+    for (int t = 0; t < parts; ++t) {
+        P[t].o0 = at[t];
+        P[t].o1 = at[t + 1];
+        P[t].sym0 = at[t] * k * inner;
     }
-    if (sym_table != nullptr && er.bitpos() != err_bits) return 3;
+    std::vector<std::thread> pool;
+    for (int t = 1; t < parts; ++t)
+        pool.emplace_back(decode_part, main_in, main_bytes, err_in, err_bytes, err_bits, offsets, chunk, sym_table,
+                          len_table, lmax, std::cref(L), scale_n, scale_hi, out, std::ref(P[t]));
+    decode_part(main_in, main_bytes, err_in, err_bytes, err_bits, offsets, chunk, sym_table, len_table, lmax, L,
+                scale_n, scale_hi, out, P[0]);
+    for (auto& th : pool) th.join();
+    for (int t = 0; t < parts; ++t) {
+        if (P[t].status) return P[t].status;
+        if (sym_table != nullptr && t + 1 < parts && P[t].end != P[t + 1].start) return 1;
+    }
+    if (sym_table != nullptr && P[parts - 1].end != err_bits) return 3;
     return 0;
 }
 

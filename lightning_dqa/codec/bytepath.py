@@ -36,6 +36,7 @@ from lightning_dqa.codec.native import native_library
 
 __all__ = ["CodedActivation", "decode_values", "encode_values"]
 
+_MIN_PARALLEL = 1 << 18  # values below which starting threads costs more than it saves
 _MAX_NATIVE_BITS = 24  # n + m: codes stay exact in float32 and fit the kernels' 32-bit bit writer
 
 
@@ -60,6 +61,11 @@ class CodedActivation:
 
 def _ptr(a: np.ndarray | Tensor) -> int:
     return a.data_ptr() if isinstance(a, Tensor) else a.ctypes.data
+
+
+def _threads(numel: int) -> int:
+    """Threads for one tensor: torch's intra-op count (the user's setting), one for small tensors."""
+    return torch.get_num_threads() if numel >= _MIN_PARALLEL else 1
 
 
 def _layout(shape: tuple[int, ...], channel_dim: int) -> tuple[int, int, int]:
@@ -127,11 +133,10 @@ def encode_values(
         offsets = np.empty(-(-n_err // chunk_size), dtype=np.int64)
         codes, lens = codebook.codes.astype(np.uint32), codebook._lengths_u8
     err_bits = ctypes.c_int64(0)
-    scratch = np.empty(max(inner, 1), dtype=np.int32)
     status = lib.dqa_encode(
         _ptr(x), outer, channels, inner, _ptr(inv_n), _ptr(inv_hi), _ptr(imp), bits, extra_bits, int(signed),
         None if codes is None else _ptr(codes), None if lens is None else _ptr(lens), chunk_size, _ptr(main),
-        _ptr(error), _ptr(offsets), ctypes.addressof(err_bits), _ptr(scratch),
+        _ptr(error), _ptr(offsets), ctypes.addressof(err_bits), _threads(x.numel()),
     )  # fmt: skip
     if status != 0:
         raise ValueError("Expected finite or infinite activations, got NaN: no code represents it")
@@ -219,7 +224,7 @@ def decode_values(
     status = lib.dqa_decode(
         _ptr(coded.main), coded.main.shape[0], _ptr(err), err.shape[0], coded.error_bits, _ptr(coded.offsets),
         chunk_size, *tables, outer, channels, inner, _ptr(scale), _ptr(scale_hi), _ptr(imp), bits, extra_bits,
-        int(signed), _ptr(out),
+        int(signed), _ptr(out), _threads(out.numel()),
     )  # fmt: skip
     if status:
         raise ValueError(f"Corrupted stream: {_DECODE_ERRORS[status]}")

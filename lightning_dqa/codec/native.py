@@ -29,13 +29,13 @@ from typing import Any
 __all__ = ["native_library", "native_status"]
 
 _SOURCE = Path(__file__).with_name("_bytepath.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17", "-pthread"]
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
-_ENCODE_ARGS: list[Any] = [_P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT, _P, _P, _I64, _P, _P, _P, _P, _P]
+_ENCODE_ARGS: list[Any] = [_P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT, _P, _P, _I64, _P, _P, _P, _P, _INT]
 _DECODE_ARGS: list[Any] = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _I64, _I64, _I64, _P, _P, _P]
-_DECODE_ARGS += [_INT, _INT, _INT, _P]
+_DECODE_ARGS += [_INT, _INT, _INT, _P, _INT]
 
 
 def _cache_dir() -> Path:
