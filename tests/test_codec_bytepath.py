@@ -27,7 +27,7 @@ def layouts(draw: st.DrawFn) -> dict:
     """A random activation layout, widths, scales and code book."""
     shape = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
     cd = draw(st.integers(0, len(shape) - 1))
-    bits, m, signed = draw(st.integers(2, 12)), draw(st.integers(0, 6)), draw(st.booleans())
+    bits, m, signed = draw(st.integers(2, 12)), draw(st.integers(0, 10)), draw(st.booleans())
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     channels = shape[cd]
     x = torch.randn(shape, generator=gen) * draw(st.sampled_from([0.1, 1.0, 10.0]))

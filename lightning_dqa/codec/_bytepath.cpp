@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -90,6 +91,25 @@ struct Layout {
 };
 
 // --------------------------------------------------------------------------------------------- encoding
+// Write `count` n-bit codes (two's complement, masked): 8 per put for n <= 4, 4 for n <= 8, else one by one.
+inline void put_codes(Writer& w, const int32_t* sc, int64_t count, int n, int32_t nmask) {
+    int64_t i = 0;
+    if (n <= 4) {
+        for (; i + 8 <= count; i += 8) {
+            uint32_t v = 0;
+            for (int j = 0; j < 8; ++j) v = (v << n) | uint32_t(sc[i + j] & nmask);
+            w.put(v, 8 * n);
+        }
+    } else if (n <= 8) {
+        for (; i + 4 <= count; i += 4) {
+            uint32_t v = 0;
+            for (int j = 0; j < 4; ++j) v = (v << n) | uint32_t(sc[i + j] & nmask);
+            w.put(v, 4 * n);
+        }
+    }
+    for (; i < count; ++i) w.put(uint32_t(sc[i] & nmask), n);
+}
+
 struct EncodePart {
     int64_t o0, o1;       // outer range
     uint8_t* main_out;    // where this part's main codes start (a whole byte: the caller checks alignment)
@@ -100,15 +120,30 @@ struct EncodePart {
     int nan = 0;
 };
 
+// Codes of every pair of symbols, first symbol in the high bits: one put writes two symbols.
+struct PairTable {
+    std::vector<uint32_t> code;
+    std::vector<uint8_t> len;
+    PairTable(const uint32_t* hcodes, const uint8_t* hlens, int m) : code(size_t(1) << (2 * m)), len(code.size()) {
+        const int32_t a = 1 << m;
+        for (int32_t s = 0; s < a; ++s)
+            for (int32_t t = 0; t < a; ++t) {
+                code[(s << m) | t] = (hcodes[s] << hlens[t]) | hcodes[t];
+                len[(s << m) | t] = uint8_t(hlens[s] + hlens[t]);
+            }
+    }
+};
+
 void encode_part(const float* x, const Layout& L, const float* inv_n, const float* inv_hi, const uint32_t* hcodes,
-                 const uint8_t* hlens, int64_t chunk, EncodePart& P) {
+                 const uint8_t* hlens, const PairTable* pairs, int64_t chunk, EncodePart& P) {
     const int n = L.n, m = L.m;
     const float lo_n = L.is_signed ? -float(1 << (n - 1)) : 0.0f;
     const float hi_n = L.is_signed ? float((1 << (n - 1)) - 1) : float((1 << n) - 1);
     const float lo_h = L.is_signed ? -float(1 << (n + m - 1)) : 0.0f;
     const float hi_h = L.is_signed ? float((1 << (n + m - 1)) - 1) : float((1 << (n + m)) - 1);
     const int32_t nmask = (1 << n) - 1, emask = (1 << m) - 1;
-    std::vector<int32_t> scratch(L.inner > 0 ? L.inner : 1);
+    std::vector<int32_t> scratch(L.inner > 0 ? L.inner : 1), errs(L.inner > 0 ? L.inner : 1);
+    int32_t* err = errs.data();
     Writer mw{P.main_out}, ew{P.err_out};
     const int64_t phase = P.sym0 % chunk;
     int64_t raw = 0, chunk_left = phase ? chunk - phase : 0, next_chunk = (P.sym0 + chunk - 1) / chunk;
@@ -125,33 +160,33 @@ void encode_part(const float* x, const Layout& L, const float* inv_n, const floa
                 v = v < lo ? lo : (v > hi ? hi : v);
                 sc[i] = static_cast<int32_t>(v);
             }
-            if (!imp) {  // four n-bit codes per put (4n <= 32 bits for n <= 8)
-                int64_t i = 0;
-                if (n <= 8) {
-                    for (; i + 4 <= L.inner; i += 4) {
-                        const uint32_t v = (uint32_t(sc[i] & nmask) << (3 * n)) |
-                                           (uint32_t(sc[i + 1] & nmask) << (2 * n)) |
-                                           (uint32_t(sc[i + 2] & nmask) << n) | uint32_t(sc[i + 3] & nmask);
-                        mw.put(v, 4 * n);
-                    }
+            if (imp) {  // split into main codes and errors (vectorizable), then code the errors
+                for (int64_t i = 0; i < L.inner; ++i) {
+                    err[i] = sc[i] & emask;
+                    sc[i] >>= m;
                 }
-                for (; i < L.inner; ++i) mw.put(uint32_t(sc[i] & nmask), n);
+            }
+            put_codes(mw, sc, L.inner, n, nmask);
+            if (!imp) continue;
+            if (hcodes == nullptr) {
+                for (int64_t i = 0; i < L.inner; ++i) P.err_out[raw++] = static_cast<uint8_t>(err[i]);
                 continue;
             }
-            for (int64_t i = 0; i < L.inner; ++i) {
-                const int32_t q = sc[i];
-                mw.put(uint32_t((q >> m) & nmask), n);
-                const int32_t e = q & emask;
-                if (hcodes == nullptr) {
-                    P.err_out[raw++] = static_cast<uint8_t>(e);
-                    continue;
-                }
+            for (int64_t i = 0; i < L.inner;) {  // two symbols per put where the pair table exists
                 if (chunk_left == 0) {
                     P.offsets[next_chunk++] = ew.bits();
                     chunk_left = chunk;
                 }
-                --chunk_left;
-                ew.put(hcodes[e], hlens[e]);
+                if (pairs != nullptr && chunk_left >= 2 && i + 1 < L.inner) {
+                    const int32_t key = (err[i] << m) | err[i + 1];
+                    ew.put(pairs->code[key], pairs->len[key]);
+                    i += 2;
+                    chunk_left -= 2;
+                } else {
+                    ew.put(hcodes[err[i]], hlens[err[i]]);
+                    ++i;
+                    --chunk_left;
+                }
             }
         }
     }
@@ -176,6 +211,29 @@ void append_bits(uint8_t* dst, int64_t base, const uint8_t* src, int64_t nbits) 
 }
 
 // --------------------------------------------------------------------------------------------- decoding
+// Read `count` n-bit codes, sign-extended: 8 per refill for n <= 7, 4 for n <= 14, else one by one.
+inline void get_codes(Reader& r, int32_t* sc, int64_t count, int n, int32_t sign_bit) {
+    const uint32_t mask = (1u << n) - 1;
+    int64_t i = 0;
+    const int group = n <= 7 ? 8 : (n <= 14 ? 4 : 1);
+    if (group > 1) {
+        for (; i + group <= count; i += group) {
+            if (r.nbuf < 56) r.refill();
+            const uint64_t bits = r.buf >> (64 - group * n);
+            for (int j = 0; j < group; ++j) {
+                const int32_t q = int32_t((bits >> ((group - 1 - j) * n)) & mask);
+                sc[i + j] = (q ^ sign_bit) - sign_bit;
+            }
+            r.skip(group * n);
+        }
+    }
+    for (; i < count; ++i) {
+        if (r.nbuf < 16) r.refill();
+        sc[i] = (int32_t(r.peek(n)) ^ sign_bit) - sign_bit;
+        r.skip(n);
+    }
+}
+
 struct DecodePart {
     int64_t o0, o1;
     int64_t sym0;
@@ -183,10 +241,31 @@ struct DecodePart {
     int status = 0;
 };
 
+// For every W-bit string: how many whole codes (up to K) it starts with, their symbols and their total length.
+struct MultiTable {
+    static constexpr int W = 12, K = 4;
+    std::vector<uint8_t> count, len, syms;
+    MultiTable(const int32_t* sym_table, const uint8_t* len_table, int lmax)
+        : count(size_t(1) << W), len(count.size()), syms(count.size() * K) {
+        for (uint32_t v = 0; v < (1u << W); ++v) {
+            int pos = 0, cnt = 0;
+            while (cnt < K) {
+                const uint32_t key = ((v << pos) & ((1u << W) - 1)) >> (W - lmax);
+                const int32_t sym = sym_table[key];
+                if (sym < 0 || pos + len_table[key] > W) break;  // an invalid or a cut code: decoded one by one
+                syms[size_t(v) * K + cnt++] = uint8_t(sym);
+                pos += len_table[key];
+            }
+            count[v] = uint8_t(cnt);
+            len[v] = uint8_t(pos);
+        }
+    }
+};
+
 void decode_part(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in, int64_t err_bytes,
                  int64_t err_bits, const int64_t* offsets, int64_t chunk, const int32_t* sym_table,
-                 const uint8_t* len_table, int lmax, const Layout& L, const float* scale_n, const float* scale_hi,
-                 float* out, DecodePart& P) {
+                 const uint8_t* len_table, int lmax, const MultiTable* multi, const Layout& L, const float* scale_n,
+                 const float* scale_hi, float* out, DecodePart& P) {
     const int n = L.n, m = L.m;
     const int64_t mbit = P.o0 * L.channels * L.inner * n;
     Reader mr{main_in, main_bytes, mbit >> 3}, er{err_in, err_bytes};
@@ -209,42 +288,52 @@ void decode_part(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_
         }
     }
     P.start = er.bitpos();
+    std::vector<int32_t> scratch(L.inner > 0 ? L.inner : 1);
+    std::vector<int32_t> errs(size_t(L.inner) + MultiTable::K);
+    int32_t* sc = scratch.data();
+    int32_t* eb = errs.data();
     for (int64_t o = P.o0; o < P.o1; ++o) {
         for (int64_t c = 0; c < L.channels; ++c) {
             float* row = out + (o * L.channels + c) * L.inner;
+            get_codes(mr, sc, L.inner, n, sign_bit);
             if (L.important[c] == 0) {
                 const float s = scale_n[c];
-                for (int64_t i = 0; i < L.inner; ++i) {
-                    if (mr.nbuf < 16) mr.refill();
-                    const int32_t q = (int32_t(mr.peek(n)) ^ sign_bit) - sign_bit;  // sign-extend the field
-                    mr.skip(n);
-                    row[i] = static_cast<float>(q) * s;
-                }
+                for (int64_t i = 0; i < L.inner; ++i) row[i] = static_cast<float>(sc[i]) * s;  // vectorizable
                 continue;
             }
             const float s = scale_hi[c];
-            for (int64_t i = 0; i < L.inner; ++i) {
-                if (mr.nbuf < 16) mr.refill();
-                int32_t q = (int32_t(mr.peek(n)) ^ sign_bit) - sign_bit;
-                mr.skip(n);
-                int32_t e;
-                if (sym_table == nullptr) {
-                    e = err_in[raw++];
-                } else {
+            if (sym_table == nullptr) {
+                for (int64_t i = 0; i < L.inner; ++i) sc[i] = sc[i] * (1 << m) + err_in[raw++];
+            } else {
+                for (int64_t i = 0; i < L.inner;) {
                     if (chunk_left == 0) {
                         if (er.bitpos() != offsets[next_chunk++]) { P.status = 1; return; }
                         chunk_left = chunk;
                     }
-                    --chunk_left;
                     if (er.nbuf < 16) er.refill();
+                    if (multi != nullptr && chunk_left >= MultiTable::K && i + MultiTable::K <= L.inner) {
+                        const uint32_t key = er.peek(MultiTable::W);  // up to K whole codes in W bits
+                        const int cnt = multi->count[key];
+                        if (cnt > 0) {  // all K copied (fixed-size, branch-free); the next look-up overwrites the rest
+                            const uint8_t* sy = &multi->syms[size_t(key) * MultiTable::K];
+                            for (int j = 0; j < MultiTable::K; ++j) eb[i + j] = sy[j];
+                            er.skip(multi->len[key]);
+                            i += cnt;
+                            chunk_left -= cnt;
+                            continue;
+                        }
+                    }
                     const uint32_t key = er.peek(lmax);
-                    e = sym_table[key];
+                    const int32_t e = sym_table[key];
                     if (e < 0) { P.status = 2; return; }
                     er.skip(len_table[key]);
+                    eb[i] = e;
+                    ++i;
+                    --chunk_left;
                 }
-                q = q * (1 << m) + e;
-                row[i] = static_cast<float>(q) * s;
+                for (int64_t i = 0; i < L.inner; ++i) sc[i] = sc[i] * (1 << m) + eb[i];
             }
+            for (int64_t i = 0; i < L.inner; ++i) row[i] = static_cast<float>(sc[i]) * s;
         }
     }
     P.end = er.bitpos();
@@ -293,10 +382,13 @@ int dqa_encode(const float* x, int64_t outer, int64_t channels, int64_t inner, c
             P[t].err_out = bufs[t].data();
         }
     }
+    std::unique_ptr<PairTable> pairs;
+    if (hcodes != nullptr && m <= 6) pairs.reset(new PairTable(hcodes, hlens, m));  // 2 * max_len <= 32 always
     std::vector<std::thread> pool;
     for (int t = 1; t < parts; ++t)
-        pool.emplace_back(encode_part, x, std::cref(L), inv_n, inv_hi, hcodes, hlens, chunk, std::ref(P[t]));
-    encode_part(x, L, inv_n, inv_hi, hcodes, hlens, chunk, P[0]);
+        pool.emplace_back(encode_part, x, std::cref(L), inv_n, inv_hi, hcodes, hlens, pairs.get(), chunk,
+                          std::ref(P[t]));
+    encode_part(x, L, inv_n, inv_hi, hcodes, hlens, pairs.get(), chunk, P[0]);
     for (auto& th : pool) th.join();
     int64_t base = P[0].err_bits;
     int nan = P[0].nan;
@@ -330,12 +422,14 @@ int dqa_decode(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in
         P[t].o1 = at[t + 1];
         P[t].sym0 = at[t] * k * inner;
     }
+    std::unique_ptr<MultiTable> multi;
+    if (sym_table != nullptr && lmax <= MultiTable::W && m <= 8) multi.reset(new MultiTable(sym_table, len_table, lmax));
     std::vector<std::thread> pool;
     for (int t = 1; t < parts; ++t)
         pool.emplace_back(decode_part, main_in, main_bytes, err_in, err_bytes, err_bits, offsets, chunk, sym_table,
-                          len_table, lmax, std::cref(L), scale_n, scale_hi, out, std::ref(P[t]));
-    decode_part(main_in, main_bytes, err_in, err_bytes, err_bits, offsets, chunk, sym_table, len_table, lmax, L,
-                scale_n, scale_hi, out, P[0]);
+                          len_table, lmax, multi.get(), std::cref(L), scale_n, scale_hi, out, std::ref(P[t]));
+    decode_part(main_in, main_bytes, err_in, err_bytes, err_bits, offsets, chunk, sym_table, len_table, lmax,
+                multi.get(), L, scale_n, scale_hi, out, P[0]);
     for (auto& th : pool) th.join();
     for (int t = 0; t < parts; ++t) {
         if (P[t].status) return P[t].status;

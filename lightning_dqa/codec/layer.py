@@ -29,7 +29,7 @@ from lightning_dqa import functional as F
 from lightning_dqa.codec.blob import decode_errors
 from lightning_dqa.codec.bytepath import CodedActivation, decode_values, encode_values
 from lightning_dqa.codec.codebook import HuffmanCodebook
-from lightning_dqa.codec.entropy import DEFAULT_CODER
+from lightning_dqa.codec.entropy import DEFAULT_CODER, _huffman_book
 from lightning_dqa.codec.huffman import DEFAULT_CHUNK_SIZE
 from lightning_dqa.codec.layout import check_coder, error_coder, model_crc, read_parts, write_parts
 
@@ -162,4 +162,4 @@ def _check_quantizer(q: ActivationQuantizer) -> None:
 
 def _codebook_of(q: ActivationQuantizer) -> HuffmanCodebook:
     """The layer's shifting-error code book, from its calibration histogram (as the memory meter builds it)."""
-    return HuffmanCodebook.from_counts(q.error_counts.detach().cpu())
+    return _huffman_book(q.error_counts.detach().cpu().numpy().astype(np.int64).tobytes())  # built once per histogram

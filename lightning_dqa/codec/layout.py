@@ -194,18 +194,24 @@ def write_parts(
         raise ValueError(f"Expected chunk_size to be below 2**32 (a uint32 field), got {chunk_size}")
     flags = (_SIGNED if signed else 0) | (_HAS_SCALE if scale is not None else 0)
     fixed = (MAGIC, VERSION, flags, bits, extra_bits, len(shape), channel_dim, important.shape[0], crc)
-    body = b"".join(
-        [
-            _FIXED.pack(*fixed, main.shape[0], error_bits, chunk_size, CODER_IDS[coder], error.shape[0]),
-            np.asarray(shape, dtype="<u8").tobytes(),
-            important.astype("<u4").tobytes(),
-            _scale_bytes(scale, shape[channel_dim]),
-            offsets[1:].astype("<u8").tobytes(),
-            main.tobytes(),
-            error.tobytes(),
-        ]
-    )
-    return body + _CRC.pack(zlib.crc32(body))
+    sections: list[bytes | memoryview] = [
+        _FIXED.pack(*fixed, main.shape[0], error_bits, chunk_size, CODER_IDS[coder], error.shape[0]),
+        np.asarray(shape, dtype="<u8").tobytes(),
+        important.astype("<u4").tobytes(),
+        _scale_bytes(scale, shape[channel_dim]),
+        offsets[1:].astype("<u8").tobytes(),
+        _bytes_view(main),  # no copy of the payloads before the one join
+        _bytes_view(error),
+    ]
+    crc = 0
+    for part in sections:
+        crc = zlib.crc32(part, crc)
+    return b"".join([*sections, _CRC.pack(crc)])
+
+
+def _bytes_view(a: np.ndarray) -> memoryview:
+    """The bytes of a numpy array without copying them (a copy only if it is not contiguous)."""
+    return memoryview(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
 
 
 def _scale_bytes(scale: Tensor | None, channels: int) -> bytes:
