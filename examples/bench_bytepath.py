@@ -27,13 +27,12 @@ from unittest import mock
 
 import numpy as np
 import torch
-from bench_overhead import SHARED, interleaved, layer_inputs, load, quantize_model
+from bench_overhead import SHARED, fp32_forward, interleaved, layer_inputs, load, quantize_model
 
 import lightning_dqa.codec.bytepath as bytepath
 from lightning_dqa.codec import HuffmanCodebook, encode, pack_codes
 from lightning_dqa.codec.layer import _scale_n
 from lightning_dqa.config import DQAConfig
-from lightning_dqa.engine import set_quantizers_enabled
 
 Layer = tuple[Any, torch.Tensor, torch.Tensor, HuffmanCodebook]  # quantizer, input, n-bit scales, code book
 
@@ -139,11 +138,7 @@ def main() -> None:
     raw = layer_inputs(model, x)
     layers = [(q, t, _scale_n(q, t), HuffmanCodebook.from_counts(q.error_counts)) for _n, q, t in raw]
 
-    def fp32() -> None:
-        set_quantizers_enabled(model, False)
-        with torch.inference_mode():
-            model(x)
-        set_quantizers_enabled(model, True)
+    fp32 = fp32_forward(model, x)
 
     def package() -> list[Any]:
         return [bytepath.encode_values(t, s, q.important, q.n, q.m, False, 1, b, 4096) for q, t, s, b in layers]

@@ -153,15 +153,23 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, fl
     return {k: 1e3 * min(v) for k, v in times.items()}
 
 
+def fp32_forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """The model's forward on ``x`` with its quantizers off (the FP32 network), as a timing callable."""
+
+    def run() -> None:
+        set_quantizers_enabled(model, False)
+        try:
+            with torch.inference_mode():
+                model(x)
+        finally:
+            set_quantizers_enabled(model, True)
+
+    return run
+
+
 def storage_rows(model: torch.nn.Module, x: torch.Tensor, calib: list[Any], args: argparse.Namespace) -> list[dict]:
     """Store and restore of every quantized activation, per width and coder, timed with the FP32 forward."""
-
-    def fp32() -> None:
-        set_quantizers_enabled(model, False)
-        with torch.inference_mode():
-            model(x)
-        set_quantizers_enabled(model, True)
-
+    fp32 = fp32_forward(model, x)
     rows = []
     for bits in args.store_bits:
         quantize_model(model, DQAConfig(bits=bits), calib)
@@ -202,7 +210,7 @@ def reference_rows(model: torch.nn.Module, x: torch.Tensor, calib: list[Any], ar
         return run
 
     ms = interleaved(
-        {"fp32": lambda: model(x), "store C++": fast.store, "restore C++": fast.restore,
+        {"fp32": fp32_forward(model, x), "store C++": fast.store, "restore C++": fast.restore,
          "store numpy/torch": with_reference(slow.store), "restore numpy/torch": with_reference(slow.restore)},
         max(2, args.repeats // 2),
     )  # fmt: skip

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as TF
-from bench_overhead import StoragePath, interleaved, layer_inputs
+from bench_overhead import StoragePath, fp32_forward, interleaved, layer_inputs
 from torch import nn
 
 from lightning_dqa import DQAConfig, calibrate, prepare
@@ -40,7 +40,6 @@ from lightning_dqa.codec.native import native_status
 from lightning_dqa.compressed import run_compressed
 from lightning_dqa.demos.data import CamVidDataModule, CIFAR10DataModule
 from lightning_dqa.demos.models import build_model, load_pretrained
-from lightning_dqa.engine import set_quantizers_enabled
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -120,12 +119,7 @@ def time_byte_path(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str,
     """Store and restore of every quantized activation of ``model(x)``, ms, interleaved with the FP32 forward."""
     path = StoragePath(layer_inputs(model, x))
 
-    def fp32() -> None:
-        set_quantizers_enabled(model, False)
-        with torch.inference_mode():
-            model(x)
-        set_quantizers_enabled(model, True)
-
+    fp32 = fp32_forward(model, x)
     ms = interleaved({"fp32": fp32, "store": path.store, "restore": path.restore}, repeats)
     return {"fp32_ms": ms["fp32"], "store_ms": ms["store"], "restore_ms": ms["restore"],
             "store_ratio": ms["store"] / ms["fp32"], "restore_ratio": ms["restore"] / ms["fp32"]}  # fmt: skip
