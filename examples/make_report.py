@@ -151,6 +151,9 @@ def write_report(results: dict[str, Any] | None = None) -> None:
         for name in NETWORK_JSONS
         if (OUT_DIR / f"{name}.json").exists()
     }
+    memory = OUT_DIR / "memory_networks.json"  # written by memory_report.py --out
+    if memory.exists():
+        results["memory"] = json.loads(memory.read_text())
     from report_render import render
 
     MD_PATH.write_text(render(results, PNG_PATH))

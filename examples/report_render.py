@@ -6,6 +6,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from report_memory import memory_section
+
 PAPER_3BIT = {"fp32": 92.49, "direct": 52.85, "noisyquant": 71.22, "dqa": 82.13}
 TARGETS = {3: 89.5, 4: 92.0, 5: 92.4}
 METHOD_NAMES = {"fp32": "FP32", "direct": "direct", "noisyquant": "NoisyQuant", "dqa": "DQA"}
@@ -378,5 +380,9 @@ def render(results: dict[str, Any], png: Path) -> str:
         "## 6. The paper's other networks: MobileNetV2 (CIFAR-10) and U-Net (CamVid)",
         "",
         *_networks(results),
+        "",
+        "## 7. Whole-network activation memory, measured from the bytes",
+        "",
+        *memory_section(results.get("memory")),
     ]
     return "\n".join(parts)

@@ -248,10 +248,13 @@ def fp32_accuracy(
 
 @torch.no_grad()
 def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any) -> dict[str, float]:
-    """Measured whole-network peak activation KiB of one image: ``{"stored", "int8", "fp32"}``.
+    """Measured figures of one image run compressed, by metric name under ``dqa/``.
 
-    Runs the first sample of ``inputs`` through :func:`lightning_dqa.compressed.run_compressed`; a model it
-    cannot run (e.g. one :mod:`torch.fx` cannot trace) gets a warning and no figures.
+    ``peak_{stored,int8,fp32}_kib_per_image``: the whole network's peak activation KiB; and
+    ``stored_bits_per_value``: ``8 * sum(blob bytes) / values`` of the blobs that run really wrote
+    (:attr:`~lightning_dqa.compressed.CompressedReport.bits_per_value`). Runs the first sample of ``inputs``
+    through :func:`lightning_dqa.compressed.run_compressed`; a model it cannot run (e.g. one :mod:`torch.fx`
+    cannot trace) gets a warning and no figures.
     """
     from lightning_dqa.compressed import run_compressed
 
@@ -267,4 +270,6 @@ def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any) -> dict[str, fl
         return {}
     finally:
         pl_module.train(was_training)
-    return {key: nbytes / 1024 for key, nbytes in report.per_image().items()}
+    out = {f"peak_{key}_kib_per_image": nbytes / 1024 for key, nbytes in report.per_image().items()}
+    out["stored_bits_per_value"] = report.bits_per_value
+    return out

@@ -55,6 +55,8 @@ from torch.utils._pytree import tree_leaves
 from lightning_dqa import functional as F
 from lightning_dqa.attach import output_hook, quantizers_of
 from lightning_dqa.codec import bytes_to_values, quantizer_to_bytes
+from lightning_dqa.codec.entropy import DEFAULT_CODER
+from lightning_dqa.codec.layout import check_coder
 from lightning_dqa.fxgraph import LeafTracer
 from lightning_dqa.liveness import Peak, QRead, Step, peak_memory
 from lightning_dqa.noisyquant import NoisyQuantizer
@@ -128,6 +130,15 @@ class CompressedReport:
             out[b.layer] = out.get(b.layer, 0) + b.nbytes
         return out
 
+    @property
+    def bits_per_value(self) -> float:
+        """Measured storage of the quantized activations: ``8 * sum(blob bytes) / sum(values)`` over all blobs.
+
+        Unlike ``dqa/bits_per_value`` of the memory meter (exact bit counts, code books counted once per
+        layer), this is what the bytes produced take, headers, chunk index and padding included.
+        """
+        return 8 * sum(b.nbytes for b in self.blobs) / max(sum(b.numel for b in self.blobs), 1)
+
     def per_image(self) -> dict[str, float]:
         """Peak bytes per image, ``{"fp32", "int8", "stored"}``: each peak over ``batch``.
 
@@ -156,7 +167,8 @@ class _Stored:
 class _Codec:
     """The forward hook on every active quantizer: writes the blob (or takes a stored one) and decodes it."""
 
-    def __init__(self, quantizers: dict[str, ActivationQuantizer]) -> None:
+    def __init__(self, quantizers: dict[str, ActivationQuantizer], coder: str = DEFAULT_CODER) -> None:
+        self.coder = coder
         self.names = {id(q): n for n, q in quantizers.items()}
         self.preset: dict[int, bytes] = {}
         self.step, self.value = "", ""
@@ -168,7 +180,7 @@ class _Codec:
         blob = self.preset.pop(id(q), None)
         stored = blob is not None
         if blob is None:
-            blob = quantizer_to_bytes(q, args[0])
+            blob = quantizer_to_bytes(q, args[0], coder=self.coder)
         self.records.append(BlobRecord(self.names[id(q)], self.step, self.value, len(blob), output.numel(), stored))
         return decode(q, blob)
 
@@ -195,13 +207,17 @@ def decode(q: ActivationQuantizer, blob: bytes) -> Tensor:
 
 
 @torch.no_grad()
-def run_compressed(model: nn.Module, inputs: Tensor | tuple[Any, ...]) -> tuple[Any, CompressedReport]:
+def run_compressed(
+    model: nn.Module, inputs: Tensor | tuple[Any, ...], coder: str = DEFAULT_CODER
+) -> tuple[Any, CompressedReport]:
     """Run a calibrated model with its quantized activations stored as blobs; see the module docstring.
 
     Args:
         model: a model with calibrated quantizers (:func:`lightning_dqa.prepare` + :func:`lightning_dqa.calibrate`),
             usually in eval mode; it must trace with :mod:`torch.fx` (quantized layers are kept as leaves).
         inputs: the model's input, e.g. images ``(N, C, H, W)``, or a tuple of positional inputs.
+        coder: entropy coder of the shifting errors in every blob: ``huffman`` (the paper's, default), ``zstd``
+            or ``ans`` (:func:`~lightning_dqa.codec.quantizer_to_bytes`).
 
     Returns:
         ``(output, report)``: the model's output (as the fake-quantized forward gives it, up to the sign of
@@ -210,10 +226,12 @@ def run_compressed(model: nn.Module, inputs: Tensor | tuple[Any, ...]) -> tuple[
     Raises:
         ValueError: when the model has no quantizer, a quantizing layer is not calibrated, has a
             ``pre_transform`` or an ``fp_mask`` (its output is no function of stored codes), or the model does
-            not trace with :mod:`torch.fx`.
+            not trace with :mod:`torch.fx`, or for an unknown ``coder``.
+        ImportError: for ``zstd`` or ``ans`` without their package (``pip install 'lightning-dqa[entropy]'``).
 
     """
     quantizers = _active_quantizers(model)
+    check_coder(coder, torch.ones(1))
     layers = {id(q): model.get_submodule(name) for name, q in quantizers.items()}
     try:
         gm = fx.GraphModule(model, LeafTracer({id(m) for m in layers.values()}).trace(model))
@@ -231,7 +249,7 @@ def run_compressed(model: nn.Module, inputs: Tensor | tuple[Any, ...]) -> tuple[
         and output_hook not in layers[id(q)]._forward_hooks.values()
     }  # fmt: skip
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    codec = _Codec(quantizers)
+    codec = _Codec(quantizers, coder)
     try:
         output, steps = _Runner(gm, readers, quantizers, codec).run(args)
     finally:

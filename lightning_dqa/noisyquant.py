@@ -121,7 +121,11 @@ class NoisyQuantizer(ActivationQuantizer):
             ``(main, error, scale_n)`` as :meth:`ActivationQuantizer.codes` returns them, for ``x + N``.
 
         """
-        return super().codes(x + self._noise_for(x))
+        return super().codes(self.code_input(x))
+
+    def code_input(self, x: Tensor) -> Tensor:
+        """``x + N``: the tensor whose codes a deployment stores."""
+        return x + self._noise_for(x)
 
     @torch.no_grad()
     def set_noise(

@@ -337,6 +337,13 @@ class ActivationQuantizer(nn.Module):
             )
         return self.quantize_values(x)
 
+    def code_input(self, x: Tensor) -> Tensor:
+        """The tensor whose codes are stored for ``x`` (``x`` itself; NoisyQuant adds its noise).
+
+        The byte codec (:func:`lightning_dqa.codec.quantizer_to_bytes`) quantizes this tensor.
+        """
+        return x
+
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Integer DQA codes of ``x``: ``(main, error, scale_n)`` as :func:`functional.dqa_quantize` returns."""
         scale_n = self.current_scale(x).detach()

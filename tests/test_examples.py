@@ -63,12 +63,13 @@ def test_results_page_is_what_the_committed_json_renders(tmp_path: Path) -> None
     results["networks"] = {
         name: json.loads((results_dir / f"{name}.json").read_text()) for name in ("mobilenetv2_cifar10", "unet_camvid")
     }
+    results["memory"] = json.loads((results_dir / "memory_networks.json").read_text())
     png = tmp_path / "results" / "plot.png"
     png.parent.mkdir()
     text = render(results, png)
     assert png.stat().st_size > 0
     assert "_Not run yet._" not in text
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "### MobileNetV2", "### U-Net"):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "### MobileNetV2", "### U-Net", "## 7."):
         assert heading in text
     committed = (REPO / "docs" / "RESULTS.md").read_text()
     assert text.replace("results/plot.png", "results/tradeoff_resnet32.png") == committed

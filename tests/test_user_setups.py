@@ -258,3 +258,8 @@ def test_measured_peak_memory_is_logged_at_test_time():
     assert 0 < logged["stored"] <= logged["int8"] <= logged["fp32"]
     _, report = run_compressed(model.eval(), next(iter(loader()))[0][:1])
     assert logged == pytest.approx({k: v / 1024 for k, v in report.per_image().items()})
+    # the logged bits per value are the bytes the blobs really took
+    values = sum(b.numel for b in report.blobs)
+    want = 8 * sum(b.nbytes for b in report.blobs) / values
+    assert float(t.callback_metrics["dqa/stored_bits_per_value"]) == pytest.approx(want, rel=1e-6)
+    assert want == report.bits_per_value

@@ -1,9 +1,9 @@
 """A quantizer layer's activation as bytes and back to its fake-quantized values.
 
 :func:`quantizer_to_bytes` stores the DQA codes ``q.codes(x)`` of an
-:class:`~lightning_dqa.quantizers.ActivationQuantizer` as a blob (:func:`~lightning_dqa.codec.blob.encode_activation`);
-:func:`bytes_to_values` reads it back and dequantizes with :func:`lightning_dqa.functional.dqa_dequantize`, which
-gives exactly the values ``q(x)`` computes without autograd (the inference path).
+:class:`~lightning_dqa.quantizers.ActivationQuantizer` as a blob (the layout of :mod:`~lightning_dqa.codec.blob`);
+:func:`bytes_to_values` reads it back, giving exactly the values ``q(x)`` computes without autograd (the
+inference path). Both run the fused byte path of :mod:`~lightning_dqa.codec.bytepath`.
 
 Example:
     >>> import torch
@@ -21,13 +21,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_dqa import functional as F
-from lightning_dqa.codec.blob import decode_activation, encode_activation
+from lightning_dqa.codec.blob import decode_errors
+from lightning_dqa.codec.bytepath import CodedActivation, decode_values, encode_values
 from lightning_dqa.codec.codebook import HuffmanCodebook
+from lightning_dqa.codec.entropy import DEFAULT_CODER, _huffman_book
 from lightning_dqa.codec.huffman import DEFAULT_CHUNK_SIZE
+from lightning_dqa.codec.layout import check_coder, error_coder, model_crc, read_parts, write_parts
 
 if TYPE_CHECKING:
     from lightning_dqa.quantizers import ActivationQuantizer
@@ -35,24 +39,29 @@ if TYPE_CHECKING:
 __all__ = ["bytes_to_values", "quantizer_to_bytes"]
 
 
-def quantizer_to_bytes(q: ActivationQuantizer, x: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bytes:
-    """Store the DQA codes ``q.codes(x)`` of one activation as a blob (:func:`encode_activation`).
+def quantizer_to_bytes(
+    q: ActivationQuantizer, x: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, coder: str = DEFAULT_CODER
+) -> bytes:
+    """Store the DQA codes ``q.codes(x)`` of one activation as a blob (layout in :mod:`.blob`).
 
-    The shifting errors are coded with the layer's code book, built from its calibration histogram
-    ``q.error_counts``; dynamic scales (computed from ``x``) are stored in the blob, frozen ones are not
-    (they are constants of the model).
+    The codes are made, packed and coded in one pass (:func:`.bytepath.encode_values`); the shifting errors
+    are coded with the layer's model, built from its calibration histogram ``q.error_counts``; dynamic scales
+    (computed from ``x``) are stored in the blob, frozen ones are not (they are constants of the model).
 
     Args:
         q: a quantizing layer (``bits > 0``) without ``pre_transform`` or ``fp_mask``.
         x: the activation, e.g. ``(N, C, H, W)``, ``C = q.num_channels`` on ``q.channel_dim``.
-        chunk_size: symbols per decoder chunk of the error stream.
+        chunk_size: symbols per decoder chunk of a Huffman error stream.
+        coder: entropy coder of the shifting errors: ``huffman`` (the paper's, default), ``zstd`` or ``ans``.
 
     Returns:
         The blob; :func:`bytes_to_values` turns it into ``q(x)``.
 
     Raises:
         ValueError: for a pass-through quantizer, one with a ``pre_transform`` or ``fp_mask`` (its output is
-            not a function of DQA codes), or an ``x`` with the wrong number of channels.
+            not a function of DQA codes), an ``x`` with the wrong number of channels or NaN values, or an
+            unknown ``coder``.
+        ImportError: for ``zstd`` or ``ans`` without their package (``pip install 'lightning-dqa[entropy]'``).
 
     """
     _check_quantizer(q)
@@ -61,23 +70,34 @@ def quantizer_to_bytes(q: ActivationQuantizer, x: Tensor, chunk_size: int = DEFA
             f"Layer {q.name!r}: expected {q.num_channels} channels on dim {q.channel_dim}, "
             f"got a tensor of shape {tuple(x.shape)}"
         )
-    main, error, scale_n = q.codes(x)
-    return encode_activation(
-        main,
-        error,
-        bits=q.n,
-        extra_bits=q.m,
-        signed=bool(q.signed),
-        important=q.important,
-        codebook=_codebook_of(q),
-        channel_dim=q.channel_dim,
-        scale=scale_n if q.scale_mode == "dynamic" else None,
-        chunk_size=chunk_size,
-    )
+    counts = q.error_counts.detach().cpu()
+    check_coder(coder, counts)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"Expected chunk_size to be a positive int, got {chunk_size!r}")
+    book = _codebook_of(q)
+    x = q.code_input(x.detach())
+    scale_n = _scale_n(q, x)
+    coded = encode_values(
+        x, scale_n, q.important, q.n, q.m, bool(q.signed), q.channel_dim, book if coder == "huffman" else None,
+        chunk_size,
+    )  # fmt: skip
+    error, error_bits = coded.error, coded.error_bits
+    if coder != "huffman":
+        data = error_coder(coder).encode(coded.error, counts)
+        error, error_bits = np.frombuffer(data, np.uint8), error_coder(coder).bits(data)
+    return write_parts(
+        shape=tuple(x.shape), bits=q.n, extra_bits=q.m, signed=bool(q.signed), channel_dim=q.channel_dim % x.ndim,
+        important=torch.nonzero(q.important.detach().cpu()).flatten().numpy(), crc=model_crc(coder, book, counts),
+        scale=scale_n if q.scale_mode == "dynamic" else None, chunk_size=chunk_size, coder=coder, main=coded.main,
+        error=error, offsets=coded.offsets, error_bits=error_bits,
+    )  # fmt: skip
 
 
 def bytes_to_values(q: ActivationQuantizer, blob: bytes | bytearray | memoryview) -> Tensor:
     """Values back from a blob of :func:`quantizer_to_bytes`: exactly ``q(x)`` without autograd (zeros unsigned).
+
+    Unpacking, error decoding and dequantization run in one pass over all channels
+    (:func:`.bytepath.decode_values`), whichever coder the blob's header names.
 
     Args:
         q: the quantizer that wrote the blob, in the same state (scales, important channels, histogram).
@@ -87,12 +107,16 @@ def bytes_to_values(q: ActivationQuantizer, blob: bytes | bytearray | memoryview
         float32 tensor of shape ``header.shape``, e.g. ``(N, C, H, W)``, on the device of ``q``.
 
     Raises:
-        ValueError: for a corrupted blob (:func:`decode_activation`), a blob written for another layer
+        ValueError: for a corrupted blob (:func:`~.layout.read_parts`), a blob written for another layer
             configuration, or a dynamic-scale layer and a blob without scales.
+        ImportError: for a ``zstd`` or ``ans`` blob without that coder's package.
 
     """
     _check_quantizer(q)
-    main, error, header = decode_activation(blob, _codebook_of(q))
+    counts = q.error_counts.detach().cpu()
+    book = _codebook_of(q)
+    parts = read_parts(blob, book, counts)
+    header = parts.header
     got = (header.bits, header.extra_bits, header.signed, header.num_channels, header.important)
     want = (q.n, q.m, bool(q.signed), q.num_channels, tuple(torch.nonzero(q.important).flatten().tolist()))
     if got != want or header.channel_dim != q.channel_dim % len(header.shape):
@@ -100,14 +124,31 @@ def bytes_to_values(q: ActivationQuantizer, blob: bytes | bytearray | memoryview
             f"Layer {q.name!r}: the blob holds (bits, extra_bits, signed, channels, important) = {got} on dim "
             f"{header.channel_dim}, the layer has {want} on dim {q.channel_dim}"
         )
-    device = q.important.device
     if header.scale is not None:
-        scale = header.scale.to(device)
+        scale = header.scale
     elif q.scale_mode == "dynamic":
         raise ValueError(f"Layer {q.name!r} has dynamic scales, but the blob stores none")
     else:
-        scale = q.current_scale(main).detach()  # a frozen scale: `current_scale` reads its input only when dynamic
-    return F.dqa_dequantize(main.to(device), error.to(device), scale, q.m, q.important, header.channel_dim)
+        scale = _scale_n(q, None)
+    coded = CodedActivation(parts.main, parts.error, parts.offsets, header.error_bits)
+    if header.coder != "huffman":
+        errors = decode_errors(parts, book, counts).numpy()
+        coded = CodedActivation(parts.main, errors.astype(np.uint8) if q.m <= 8 else errors, parts.offsets, 0)
+    out = decode_values(
+        coded, header.shape, scale, q.important, q.n, q.m, header.signed, header.channel_dim,
+        book if header.coder == "huffman" else None, header.chunk_size,
+    )  # fmt: skip
+    return out.to(q.important.device)
+
+
+def _scale_n(q: ActivationQuantizer, x: Tensor | None) -> Tensor:
+    """The ``(C,)`` float32 ``n``-bit scales the codes use, on the CPU, computed as ``q.codes`` computes them.
+
+    A frozen scale ignores ``x``; a dynamic one needs it.
+    """
+    current = q.current_scale(x if x is not None else q.scale).detach()
+    max_abs = current * 2.0 ** (q.n - int(q._signed))
+    return F.scale_from_max(max_abs, q.n, q._signed).cpu()
 
 
 def _check_quantizer(q: ActivationQuantizer) -> None:
@@ -121,4 +162,4 @@ def _check_quantizer(q: ActivationQuantizer) -> None:
 
 def _codebook_of(q: ActivationQuantizer) -> HuffmanCodebook:
     """The layer's shifting-error code book, from its calibration histogram (as the memory meter builds it)."""
-    return HuffmanCodebook.from_counts(q.error_counts.detach().cpu())
+    return _huffman_book(q.error_counts.detach().cpu().numpy().astype(np.int64).tobytes())  # built once per histogram
