@@ -10,6 +10,7 @@ Sections (each can be run alone; results merge into ``docs/results/resnet32_cifa
 * ``uniform``: direct quantization at 3..8 bits, for the accuracy / measured-bits trade-off.
 * ``overhead``: see ``examples/bench_overhead.py`` (run it; its JSON is merged when present).
 * ``qat``: 3-bit DQA fine-tuned briefly with the callback.
+* ``budget``: ``target_bits`` from 2.5 to 6 (per-layer n, r, m chosen by the allocation), full test set.
 
     python examples/make_report.py --sections table1 uniform qat           # table 1: under 30 min on 2 CPU cores
     python examples/make_report.py --sections ablation sweeps --ablation-test 2000
@@ -80,6 +81,18 @@ def section_uniform(dm: Any, calib: int) -> list[dict[str, Any]]:
     return _runs(dm, calib, [dict(method="direct", bits=b, experiment="uniform") for b in (3, 4, 5, 6, 7, 8)])
 
 
+BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
+
+
+def section_budget(dm: Any, calib: int) -> list[dict[str, Any]]:
+    """DQA with per-layer widths chosen under each budget (``target_bits``); ``bits`` is then unused."""
+    specs = [dict(method="dqa", bits=4, target_bits=t, experiment="budget") for t in BUDGETS]
+    recs = _runs(dm, calib, specs)
+    for rec, t in zip(recs, BUDGETS, strict=True):
+        rec["target_bits"] = t
+    return recs
+
+
 def section_qat(args: argparse.Namespace) -> list[dict[str, Any]]:
     """3-bit DQA, learnable scales, fine-tuned with SGD for a fixed number of steps, then evaluated."""
     from lightning_dqa.demos.data import CIFAR10DataModule
@@ -100,7 +113,7 @@ def section_qat(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="*", default=["table1", "uniform", "qat", "ablation", "sweeps"])
+    parser.add_argument("--sections", nargs="*", default=["table1", "uniform", "qat", "ablation", "sweeps", "budget"])
     parser.add_argument("--data-root", default=str(DEFAULT_DATA))
     parser.add_argument("--calib-samples", type=int, default=5000)
     parser.add_argument("--greedy-calib-samples", type=int, default=1000)
@@ -127,6 +140,8 @@ def main() -> None:
                 recs = section_uniform(part, args.calib_samples)
             elif section == "qat":
                 recs = section_qat(args)
+            elif section == "budget":
+                recs = section_budget(part, args.calib_samples)
             else:
                 raise SystemExit(f"unknown section {section!r}")
             results[section] = {

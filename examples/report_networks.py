@@ -16,6 +16,7 @@ Usage::
 
     python examples/report_networks.py                      # both networks, about 25 min on 2 CPU cores
     python examples/report_networks.py --nets unet --sections ptq
+    python examples/report_networks.py --sections budget    # target_bits from 2.5 to 6 bits
 """
 
 from __future__ import annotations
@@ -117,10 +118,39 @@ def qat_records(net: str, spec: dict[str, Any], dm: Any) -> list[dict[str, Any]]
     return [rec]
 
 
+BUDGETS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
+
+
+def budget_records(net: str, spec: dict[str, Any], dm: Any) -> list[dict[str, Any]]:
+    """DQA with per-layer widths chosen under each ``target_bits`` (default setting)."""
+    out = []
+    for t in BUDGETS:
+        rec = run_one(
+            arch="unet" if net == "unet" else "mobilenetv2",
+            weights=str(spec["weights"]),
+            datamodule=dm,
+            model_kwargs=spec["model_kwargs"],
+            stage=spec["stage"],
+            method="dqa",
+            bits=4,
+            target_bits=t,
+            calib_samples=spec["calib"],
+            experiment="budget",
+            **spec["callback"],
+        )
+        rec["target_bits"] = t
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
+SECTIONS = {"ptq": ptq_records, "qat": qat_records, "budget": budget_records}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
-    parser.add_argument("--sections", nargs="+", default=["ptq", "qat"], choices=["ptq", "qat"])
+    parser.add_argument("--sections", nargs="+", default=["ptq", "qat"], choices=list(SECTIONS))
     parser.add_argument("--data-root", default=None, help="dataset folder (default: ../shared/data/<dataset>)")
     args = parser.parse_args()
     quiet()
@@ -135,7 +165,7 @@ def main() -> None:
         dm = datamodule(net, args.data_root)
         for section in args.sections:
             start = time.perf_counter()
-            recs = ptq_records(net, spec, dm) if section == "ptq" else qat_records(net, spec, dm)
+            recs = SECTIONS[section](net, spec, dm)
             results[section] = {
                 "records": recs,
                 "seconds": round(time.perf_counter() - start, 1),
