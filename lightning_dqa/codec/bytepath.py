@@ -139,7 +139,10 @@ def encode_values(
         _ptr(error), _ptr(offsets), ctypes.addressof(err_bits), _threads(x.numel()),
     )  # fmt: skip
     if status != 0:
-        raise ValueError("Expected finite or infinite activations, got NaN: no code represents it")
+        raise ValueError(
+            "Expected activations without NaN, got NaN values: no code represents them (check the inputs; "
+            "DQACallback's check_finite names the layers they reach)"
+        )
     if codebook is None:
         return CodedActivation(main, error, offsets, 0)
     return CodedActivation(main, error[: (err_bits.value + 7) // 8], offsets, err_bits.value)
