@@ -30,6 +30,7 @@ import torch
 from bench_overhead import SHARED, fp32_forward, interleaved, layer_inputs, load, quantize_model
 
 import lightning_dqa.codec.bytepath as bytepath
+from lightning_dqa import functional as F
 from lightning_dqa.codec import HuffmanCodebook, encode, pack_codes
 from lightning_dqa.codec.layer import _scale_n
 from lightning_dqa.config import DQAConfig
@@ -38,29 +39,31 @@ Layer = tuple[Any, torch.Tensor, torch.Tensor, HuffmanCodebook]  # quantizer, in
 
 
 def codes_torch(
-    x: torch.Tensor, inv: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, m: int, imp: torch.Tensor
+    x: torch.Tensor, inv: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, m: int, nmask: int, imp: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Main codes and errors of all channels, uint8 ``(N, C, H, W)``; ``inv``, ``lo``, ``hi``, ``imp``: (1, C, 1, 1)."""
+    """Main codes and errors of all channels, uint8 like ``x``; ``inv``, ``lo``, ``hi``, ``imp``: e.g. (1, C, 1, 1)."""
     q = torch.clamp(torch.round(x * inv), lo, hi).to(torch.int32)
-    main = torch.where(imp, q >> m, q).to(torch.uint8)
-    return main, (q & (2**m - 1)).to(torch.uint8)
+    main = torch.where(imp, q >> m, q) & nmask  # the n-bit two's complement field, as packed
+    return main.to(torch.uint8), (q & (2**m - 1)).to(torch.uint8)
 
 
 def compiled_store(layers: list[Layer]) -> Callable[[], Any]:
     fn = torch.compile(codes_torch, dynamic=False)
     prepared = []
     for q, x, s, book in layers:
-        imp = q.important.view(1, -1, 1, 1)
-        hi_n, hi_h = 2**q.n - 1, 2 ** (q.n + q.m) - 1  # the default setting's codes are unsigned
-        inv = torch.where(imp, 1.0 / (s / 2**q.m), 1.0 / s).view(1, -1, 1, 1)
-        hi = torch.where(imp, float(hi_h), float(hi_n)).view(1, -1, 1, 1)
+        (lo_n, hi_n), (lo_h, hi_h) = F.quant_range(q.n, bool(q.signed)), F.quant_range(q.n + q.m, bool(q.signed))
+        view = (1, -1) + (1,) * (x.ndim - 2)  # channels on dim 1: (1, C, 1, 1) for a conv input, (1, C) for a linear
+        inv = torch.where(q.important, 1.0 / (s / 2**q.m), 1.0 / s).view(view)
+        lo = torch.where(q.important, float(lo_h), float(lo_n)).view(view)
+        hi = torch.where(q.important, float(hi_h), float(hi_n)).view(view)
+        imp = q.important.view(view)
         idx = torch.nonzero(q.important).flatten()
-        prepared.append((x, inv, torch.zeros_like(hi), hi, q, imp, idx, book))
+        prepared.append((x, inv, lo, hi, q, imp, idx, book))
 
     def run() -> list[Any]:
         out = []
         for x, inv, lo, hi, q, imp, idx, book in prepared:
-            main, err = fn(x, inv, lo, hi, q.m, imp)
+            main, err = fn(x, inv, lo, hi, q.m, 2**q.n - 1, imp)
             out.append((pack_codes(main, q.n, False), encode(err.index_select(1, idx), book)))
         return out
 
@@ -74,20 +77,20 @@ def numba_store(layers: list[Layer]) -> Callable[[], Any] | None:
         return None
 
     @numba.njit(cache=False, nogil=True)
-    def kernel(x, inv_n, inv_hi, imp, n, m, codes, lens, main_out, err_out):  # pragma: no cover - compiled
+    def kernel(x, inv_n, inv_hi, imp, n, m, lo_n, hi_n, lo_h, hi_h, codes, lens, main_out, err_out):  # compiled
         outer, channels, inner = x.shape
-        hi_n, hi_h = float(2**n - 1), float(2 ** (n + m) - 1)
         acc, nacc, nb = np.uint64(0), 0, 0
         eacc, enacc, eb = np.uint64(0), 0, 0
         for o in range(outer):
             for c in range(channels):
                 inv = inv_hi[c] if imp[c] else inv_n[c]
                 hi = hi_h if imp[c] else hi_n
+                lo = lo_h if imp[c] else lo_n
                 for i in range(inner):
                     v = np.float32(np.round(np.float32(x[o, c, i] * inv)))
-                    v = min(max(v, np.float32(0.0)), np.float32(hi))
+                    v = min(max(v, np.float32(lo)), np.float32(hi))
                     qv = np.int64(v)
-                    mc = qv >> m if imp[c] else qv
+                    mc = (qv >> m if imp[c] else qv) & (2**n - 1)
                     acc = (acc << np.uint64(n)) | np.uint64(mc)
                     nacc += n
                     if nacc >= 32:
@@ -114,7 +117,9 @@ def numba_store(layers: list[Layer]) -> Callable[[], Any] | None:
         inv_n, inv_hi = (1.0 / s).numpy(), (1.0 / (s / 2**q.m)).numpy()
         main = np.empty(x.numel() * q.n // 8 + 8, np.uint8)
         err = np.empty(x.numel() * book.max_len // 8 + 8, np.uint8)
-        prepared.append((x3, inv_n, inv_hi, q.important.numpy(), q.n, q.m, book.codes.astype(np.uint64),
+        (lo_n, hi_n), (lo_h, hi_h) = F.quant_range(q.n, bool(q.signed)), F.quant_range(q.n + q.m, bool(q.signed))
+        prepared.append((x3, inv_n, inv_hi, q.important.numpy(), q.n, q.m, float(lo_n), float(hi_n), float(lo_h),
+                         float(hi_h), book.codes.astype(np.uint64),
                          book.lengths.astype(np.int64), main, err))  # fmt: skip
 
     def run() -> list[Any]:
@@ -141,7 +146,9 @@ def main() -> None:
     fp32 = fp32_forward(model, x)
 
     def package() -> list[Any]:
-        return [bytepath.encode_values(t, s, q.important, q.n, q.m, False, 1, b, 4096) for q, t, s, b in layers]
+        return [
+            bytepath.encode_values(t, s, q.important, q.n, q.m, bool(q.signed), 1, b, 4096) for q, t, s, b in layers
+        ]
 
     def reference() -> list[Any]:
         with mock.patch.object(bytepath, "native_library", lambda: None):

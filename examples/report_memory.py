@@ -71,4 +71,8 @@ def memory_section(mem: dict[str, Any] | None) -> list[str]:
         *_timing(nets),
         "",
         f"Command: `{mem['command']}`; {mem['machine']}. Timings were taken while another job shared the 2 cores.",
+        "Restore writes a fresh float32 tensor per layer; in this long-running process (after the calibrations)",
+        "glibc returned freed memory to the OS, so every restore and every FP32 forward paid first-touch page",
+        "faults on its output (with `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` set high they go away);",
+        "`examples/bench_overhead.py`, in a fresh process, gives the store and restore ratios quoted in the README.",
     ]

@@ -124,14 +124,7 @@ def encode_values(
     imp = important.detach().cpu().to(torch.uint8).contiguous()
     inv_n = (1.0 / scale_n.detach().cpu()).contiguous()  # the reciprocals `functional.quantize` multiplies by
     inv_hi = (1.0 / (scale_n.detach().cpu() / 2**extra_bits)).contiguous()
-    n_err = outer * int(imp.sum()) * inner
-    main = np.empty(packed_size(x.numel(), bits), dtype=np.uint8)
-    if codebook is None:
-        error, offsets, codes, lens = np.empty(n_err, np.uint8), np.zeros(0, np.int64), None, None
-    else:
-        error = np.empty(-(-n_err * codebook.max_len // 8) + 8, dtype=np.uint8)
-        offsets = np.empty(-(-n_err // chunk_size), dtype=np.int64)
-        codes, lens = codebook.codes.astype(np.uint32), codebook._lengths_u8
+    main, error, offsets, codes, lens = _buffers(x.numel(), bits, outer * int(imp.sum()) * inner, codebook, chunk_size)
     err_bits = ctypes.c_int64(0)
     status = lib.dqa_encode(
         _ptr(x), outer, channels, inner, _ptr(inv_n), _ptr(inv_hi), _ptr(imp), bits, extra_bits, int(signed),
@@ -139,10 +132,25 @@ def encode_values(
         _ptr(error), _ptr(offsets), ctypes.addressof(err_bits), _threads(x.numel()),
     )  # fmt: skip
     if status != 0:
-        raise ValueError("Expected finite or infinite activations, got NaN: no code represents it")
+        raise ValueError(
+            "Expected activations without NaN, got NaN values: no code represents them (check the inputs; "
+            "DQACallback's check_finite names the layers they reach)"
+        )
     if codebook is None:
         return CodedActivation(main, error, offsets, 0)
     return CodedActivation(main, error[: (err_bits.value + 7) // 8], offsets, err_bits.value)
+
+
+def _buffers(
+    numel: int, bits: int, n_err: int, codebook: HuffmanCodebook | None, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Output buffers of the encoder (main, error, offsets) and the code tables (``None`` for raw symbols)."""
+    main = np.empty(packed_size(numel, bits), dtype=np.uint8)
+    if codebook is None:
+        return main, np.empty(n_err, np.uint8), np.zeros(0, np.int64), None, None
+    error = np.empty(-(-n_err * codebook.max_len // 8) + 8, dtype=np.uint8)  # the longest codes, and slack
+    offsets = np.empty(-(-n_err // chunk_size), dtype=np.int64)
+    return main, error, offsets, codebook.codes.astype(np.uint32), codebook._lengths_u8
 
 
 def _encode_reference(
@@ -204,8 +212,8 @@ def decode_values(
     lib = native_library()
     raw_ok = codebook is not None or coded.error.dtype == np.uint8
     if lib is None or scale_n.dtype != torch.float32 or bits + extra_bits > _MAX_NATIVE_BITS or not raw_ok:
-        return _decode_reference(coded, shape, scale_n, important, bits, extra_bits, signed, channel_dim, codebook,
-                                 chunk_size)  # fmt: skip
+        args = (scale_n, important, bits, extra_bits, signed, channel_dim, codebook, chunk_size)
+        return _decode_reference(coded, shape, *args)
     if coded.main.shape[0] != packed_size(math.prod(shape), bits):
         raise ValueError(f"Payload truncated or too long: {coded.main.shape[0]} bytes of main codes for {shape}")
     _check_padding(coded.main, math.prod(shape) * bits)
@@ -215,12 +223,10 @@ def decode_values(
     imp = important.detach().cpu().to(torch.uint8).contiguous()
     out = torch.empty(shape, dtype=torch.float32)
     err = np.ascontiguousarray(coded.error)
+    tables: tuple[int | None, int | None, int] = (None, None, 0)
     if codebook is not None:
         _check_padding(err, coded.error_bits)
-        sym, lens = codebook._decode_tables
-        tables: tuple[int | None, int | None, int] = (_ptr(sym), _ptr(lens), codebook.max_len)
-    else:
-        tables = (None, None, 0)
+        tables = (_ptr(codebook._decode_tables[0]), _ptr(codebook._decode_tables[1]), codebook.max_len)
     status = lib.dqa_decode(
         _ptr(coded.main), coded.main.shape[0], _ptr(err), err.shape[0], coded.error_bits, _ptr(coded.offsets),
         chunk_size, *tables, outer, channels, inner, _ptr(scale), _ptr(scale_hi), _ptr(imp), bits, extra_bits,

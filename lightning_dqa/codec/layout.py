@@ -263,18 +263,10 @@ def read_parts(
     scale = np.frombuffer(buf, "<f4", shape[cd], starts[2]) if flags & _HAS_SCALE else None
     offsets = np.frombuffer(buf, "<u8", max(n_chunks - 1, 0), starts[3])
     header = BlobHeader(
-        shape=shape,
-        bits=bits,
-        extra_bits=m,
-        signed=bool(flags & _SIGNED),
-        channel_dim=cd,
-        important=tuple(important.tolist()),
-        scale=None if scale is None else torch.from_numpy(scale.astype(np.float32)),
-        main_bytes=main_bytes,
-        error_bits=error_bits,
-        chunk_size=chunk_size,
-        coder=coder,
-    )
+        shape, bits, m, bool(flags & _SIGNED), cd, tuple(important.tolist()),
+        None if scale is None else torch.from_numpy(scale.astype(np.float32)), main_bytes, error_bits, chunk_size,
+        coder,
+    )  # fmt: skip
     _check_contents(header, important, codebook, model_crc(coder, codebook, counts) if coder != "ans" or
                     counts is not None else None, crc)  # fmt: skip
     error_coder(coder)  # a missing package raises its ImportError before any decoding
