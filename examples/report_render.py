@@ -240,7 +240,7 @@ def _budget(results: dict[str, Any]) -> list[str]:
 
     for r in recs:
         lines.append(
-            f"| {r['target_bits']:g} | {r['bits_per_value']:.3f} | {r['accuracy']:.2f} | {cell(uniform, r)} "
+            f"| {r['target_bits']:g} | {r['bits_per_value']:.4f} | {r['accuracy']:.2f} | {cell(uniform, r)} "
             f"| {cell(fixed, r)} |"
         )
     over = [r for r in recs if r["bits_per_value"] > r["target_bits"]]
@@ -251,7 +251,7 @@ def _budget(results: dict[str, Any]) -> list[str]:
             "every point is within its budget."
             if not over
             else "above budget: "
-            + ", ".join(f"{r['target_bits']:g} -> {r['bits_per_value']:.3f}" for r in over)
+            + ", ".join(f"{r['target_bits']:g} -> {r['bits_per_value']:.4f}" for r in over)
             + " (the allocation keeps to the budget on the calibration sample; the test images' errors code longer)."
         ),
         "",
@@ -398,15 +398,22 @@ def _network_budget(section: dict[str, Any], ptq: list[dict[str, Any]], score: s
         f"| target bits | measured bits/value | {unit} | direct at equal bits | fixed-r DQA at equal bits |",
         "|---|---|---|---|---|",
         *(
-            f"| {r['target_bits']:g} | {r['bits_per_value']:.3f} | {r[score]:.2f} | {cell(direct, r)} "
+            f"| {r['target_bits']:g} | {r['bits_per_value']:.4f} | {r[score]:.2f} | {cell(direct, r)} "
             f"| {cell(fixed, r)} |"
             for r in recs
         ),
         "",
-        _meta(section, "budget"),
-        "",
     ]
-    return lines
+    over = [r for r in recs if r["bits_per_value"] > r["target_bits"]]
+    if over:
+        lines += [
+            "Above budget on the evaluation images (the allocation keeps to it on the calibration sample; these "
+            "images' shifting errors code longer with the calibration code books): "
+            + ", ".join(f"{r['target_bits']:g} -> {r['bits_per_value']:.4f}" for r in over)
+            + ".",
+            "",
+        ]
+    return [*lines, _meta(section, "budget"), ""]
 
 
 def _networks(results: dict[str, Any]) -> list[str]:
