@@ -270,10 +270,11 @@ def _overhead(results: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Command: `{ov['command']}`; {ov['machine']}; batch {ov['batch']}. The forward rows are fake quantization",
-        "(what PTQ evaluation and fine-tuning run); the storage rows run the real integer path over every quantized",
-        "layer's input of the batch (codes, shift, bit-packing and Huffman coding, and back) with plain PyTorch and",
-        "NumPy ops, no fused kernels: a reference cost, not an optimized runtime. Calibration and ranking times per",
-        "run are in the JSON records (`calib_seconds`).",
+        "(what PTQ evaluation and fine-tuning run). The store / restore rows write and read every quantized layer's",
+        "input of the batch as codec blobs (`quantizer_to_bytes` / `bytes_to_values`: codes, shift, bit-packing and",
+        "entropy coding with the named coder, and back), through the fused byte path (C++ kernels when a compiler",
+        "is present); the `C++` and `numpy/torch` rows time the two implementations of that path side by side.",
+        "Calibration and ranking times per run are in the JSON records (`calib_seconds`).",
     ]
     return lines
 
