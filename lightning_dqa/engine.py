@@ -318,7 +318,7 @@ def allocate_widths(
             _count_errors(q, stats[name])
         total = sum(stored_bits_per_sample(q, stats[n], static) for n, q in quantizers.items())
         allocation.achieved_bits = total / allocation.values_per_sample
-        stepped = allocation.step_down() if allocation.achieved_bits > config.target_bits else None
+        stepped = allocation.step_down() if allocation.achieved_bits > allocation.target_bits else None
         changed = [stepped] if stepped is not None else []
     return allocation
 
