@@ -107,6 +107,15 @@ class Allocation:
         total = self.fixed_bits_per_sample + sum(o.bits_per_sample for o in self.choices.values())
         return total / max(self.values_per_sample, 1)
 
+    def metrics(self) -> dict[str, float]:
+        """What the callback logs: the budget, the bits achieved on the calibration sample, each layer's choice."""
+        out = {"dqa/target_bits": self.target_bits, "dqa/calibration_bits_per_value": self.achieved_bits}
+        for layer, choice in self.choices.items():
+            out[f"dqa/layer/{layer}/bits"] = float(choice.bits)
+            out[f"dqa/layer/{layer}/extra_bits"] = float(choice.extra_bits)
+            out[f"dqa/layer/{layer}/important"] = float(choice.important)
+        return out
+
     def step_down(self) -> str | None:
         """Move the layer whose next cheaper hull option adds the least noise per bit saved; its name, or ``None``.
 

@@ -33,6 +33,7 @@ from lightning_dqa.callback_data import (
     check_lifecycle_args,
     find_calibration_loader,
     fp32_accuracy,
+    log_meter_summary,
     measure_peak_kib,
     primary_output,
     split_batch,
@@ -365,14 +366,8 @@ class DQACallback(Callback):
                 f"{self.calibration_samples}: the calibration data holds no more"
             )
         metrics = {"dqa/calibration_samples": float(samples)}
-        allocation = self.report.allocation
-        if allocation is not None:  # the budget, what calibration achieved on its sample, each layer's choice
-            metrics["dqa/target_bits"] = allocation.target_bits
-            metrics["dqa/calibration_bits_per_value"] = allocation.achieved_bits
-            for layer, choice in allocation.choices.items():
-                metrics[f"dqa/layer/{layer}/bits"] = float(choice.bits)
-                metrics[f"dqa/layer/{layer}/extra_bits"] = float(choice.extra_bits)
-                metrics[f"dqa/layer/{layer}/important"] = float(choice.important)
+        if self.report.allocation is not None:  # the budget, what calibration achieved, each layer's choice
+            metrics.update(self.report.allocation.metrics())
         for logger in trainer.loggers:  # self.log is not allowed in on_fit_start / on_*_start hooks
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
@@ -412,12 +407,5 @@ class DQACallback(Callback):
             pl_module.log(f"dqa/{key}", value, sync_dist=False)
         if self._meter is None or not self._calibrated(pl_module) or not self._meter.has_data():
             return
-        summary = self._meter.compute()
-        pl_module.log("dqa/bits_per_value", summary["bits_per_value"])
-        pl_module.log("dqa/activation_bytes_per_sample", summary["bytes_per_sample"])
-        pl_module.log("dqa/fp32_activation_bytes_per_sample", summary["fp32_bytes_per_sample"])
-        pl_module.log("dqa/memory_saving", summary["saving"])
-        if self.log_per_layer:
-            for layer, bpv in summary["per_layer_bits_per_value"].items():
-                pl_module.log(f"dqa/layer/{layer}/bits_per_value", bpv)
+        log_meter_summary(pl_module, self._meter.compute(), self.log_per_layer)
         self._meter.active = False

@@ -26,6 +26,7 @@ __all__ = [
     "check_lifecycle_args",
     "find_calibration_loader",
     "fp32_accuracy",
+    "log_meter_summary",
     "measure_peak_kib",
     "primary_output",
     "split_batch",
@@ -273,3 +274,14 @@ def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any) -> dict[str, fl
     out = {f"peak_{key}_kib_per_image": nbytes / 1024 for key, nbytes in report.per_image().items()}
     out["stored_bits_per_value"] = report.bits_per_value
     return out
+
+
+def log_meter_summary(pl_module: pl.LightningModule, summary: dict[str, Any], per_layer: bool) -> None:
+    """Log the memory meter's summary (:meth:`lightning_dqa.meter.MemoryMeter.compute`) with ``pl_module.log``."""
+    pl_module.log("dqa/bits_per_value", summary["bits_per_value"])
+    pl_module.log("dqa/activation_bytes_per_sample", summary["bytes_per_sample"])
+    pl_module.log("dqa/fp32_activation_bytes_per_sample", summary["fp32_bytes_per_sample"])
+    pl_module.log("dqa/memory_saving", summary["saving"])
+    if per_layer:
+        for layer, bpv in summary["per_layer_bits_per_value"].items():
+            pl_module.log(f"dqa/layer/{layer}/bits_per_value", bpv)

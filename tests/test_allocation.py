@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TinyNet, make_data
+from lightning.pytorch.loggers import Logger
+from tiny import TinyData, TinyNet, make_data, quiet_trainer
 
-from lightning_dqa import DQAConfig, calibrate, prepare
+from lightning_dqa import DQACallback, DQAConfig, calibrate, prepare
 from lightning_dqa.allocation import LayerOption, allocate
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.checkpoint import check_quantizer_layout
@@ -165,3 +166,33 @@ def test_artifact_round_trip_with_allocated_widths(tmp_path):
         assert (q.n, q.m) == (p.n, p.m), name
         assert torch.equal(q.error_counts, p.error_counts) and torch.equal(q.important, p.important)
     assert torch.equal(model.eval()(x), fresh.eval()(x))
+
+
+class _Capture(Logger):
+    """A logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    name, version = "capture", 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_callback_logs_the_budget_and_each_layers_choice():
+    logger = _Capture()
+    cb = DQACallback(target_bits=3.0, first_layer_bits=None, calibration_samples=64, verbose=False)
+    trainer = quiet_trainer(callbacks=[cb], logger=logger)
+    (metrics,) = trainer.validate(TinyNet(), datamodule=TinyData(n=64), verbose=False)
+    assert logger.metrics["dqa/target_bits"] == 3.0
+    assert logger.metrics["dqa/calibration_bits_per_value"] <= 3.0
+    for name, choice in cb.report.allocation.choices.items():
+        assert logger.metrics[f"dqa/layer/{name}/bits"] == choice.bits
+        assert logger.metrics[f"dqa/layer/{name}/extra_bits"] == choice.extra_bits
+        assert logger.metrics[f"dqa/layer/{name}/important"] == choice.important
+    assert metrics["dqa/bits_per_value"] <= 3.0 * 1.01  # measured on the validation data
