@@ -69,14 +69,19 @@ def datamodule(net: str, data_root: str | None) -> Any:
     return CIFAR10DataModule(root=data_root or str(SHARED / "data" / "cifar10"), batch_size=128, eval_batch_size=500)
 
 
-def ptq_records(net: str, spec: dict[str, Any], dm: Any) -> list[dict[str, Any]]:
-    common = dict(
+def _common(net: str, spec: dict[str, Any], dm: Any) -> dict[str, Any]:
+    """``run_one``'s arguments that every run of one network shares."""
+    return dict(
         arch="unet" if net == "unet" else "mobilenetv2",
         weights=str(spec["weights"]),
         datamodule=dm,
         model_kwargs=spec["model_kwargs"],
         stage=spec["stage"],
     )
+
+
+def ptq_records(net: str, spec: dict[str, Any], dm: Any) -> list[dict[str, Any]]:
+    common = _common(net, spec, dm)
     cb = spec["callback"]
     runs: list[dict[str, Any]] = [dict(method="fp32", bits=8, setting="default", calib_samples=spec["calib"], **cb)]
     for setting in ("paper", "default"):
@@ -126,11 +131,7 @@ def budget_records(net: str, spec: dict[str, Any], dm: Any) -> list[dict[str, An
     out = []
     for t in BUDGETS:
         rec = run_one(
-            arch="unet" if net == "unet" else "mobilenetv2",
-            weights=str(spec["weights"]),
-            datamodule=dm,
-            model_kwargs=spec["model_kwargs"],
-            stage=spec["stage"],
+            **_common(net, spec, dm),
             method="dqa",
             bits=4,
             target_bits=t,

@@ -213,6 +213,12 @@ def _tradeoff(results: dict[str, Any], png: Path) -> list[str]:
     return lines
 
 
+def _vs(curve: list[tuple[float, float]], r: dict[str, Any], score: str) -> str:
+    """``curve`` interpolated at ``r``'s measured bits and ``r``'s difference to it; blank outside the curve."""
+    y = _interp(curve, r["bits_per_value"])
+    return "" if y is None else f"{y:.2f} ({r[score] - y:+.2f})"
+
+
 def _fixed_r_curve(results: dict[str, Any]) -> list[tuple[float, float]]:
     """Fixed-ratio DQA (r = 0.4, m = 3, every layer at n = 3, 4, 5: table 1's default rows)."""
     recs = [r for r in _records(results, "table1") if r["method"] == "dqa" and r["setting"] == "default"]
@@ -234,14 +240,10 @@ def _budget(results: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|",
     ]
 
-    def cell(curve: list[tuple[float, float]], r: dict[str, Any]) -> str:
-        y = _interp(curve, r["bits_per_value"])
-        return "" if y is None else f"{y:.2f} ({r['accuracy'] - y:+.2f})"
-
     for r in recs:
         lines.append(
-            f"| {r['target_bits']:g} | {r['bits_per_value']:.4f} | {r['accuracy']:.2f} | {cell(uniform, r)} "
-            f"| {cell(fixed, r)} |"
+            f"| {r['target_bits']:g} | {r['bits_per_value']:.4f} | {r['accuracy']:.2f} | {_vs(uniform, r, 'accuracy')} "
+            f"| {_vs(fixed, r, 'accuracy')} |"
         )
     over = [r for r in recs if r["bits_per_value"] > r["target_bits"]]
     lines += [
@@ -387,10 +389,6 @@ def _network_budget(section: dict[str, Any], ptq: list[dict[str, Any]], score: s
         rows = [r for r in ptq if r["method"] == method and r["setting"] == "default" and not r.get("experiment")]
         return sorted((r["bits_per_value"], r[score]) for r in rows)
 
-    def cell(pts: list[tuple[float, float]], r: dict[str, Any]) -> str:
-        y = _interp(pts, r["bits_per_value"])
-        return "" if y is None else f"{y:.2f} ({r[score] - y:+.2f})"
-
     direct, fixed = curve("direct"), curve("dqa")
     lines = [
         "Under a memory budget (`target_bits`, per-layer n, r, m; default setting), against the default setting's",
@@ -399,8 +397,8 @@ def _network_budget(section: dict[str, Any], ptq: list[dict[str, Any]], score: s
         f"| target bits | measured bits/value | {unit} | direct at equal bits | fixed-r DQA at equal bits |",
         "|---|---|---|---|---|",
         *(
-            f"| {r['target_bits']:g} | {r['bits_per_value']:.4f} | {r[score]:.2f} | {cell(direct, r)} "
-            f"| {cell(fixed, r)} |"
+            f"| {r['target_bits']:g} | {r['bits_per_value']:.4f} | {r[score]:.2f} | {_vs(direct, r, score)} "
+            f"| {_vs(fixed, r, score)} |"
             for r in recs
         ),
         "",

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_dqa import functional as F
 from lightning_dqa.clipping import clip_max_coarse
-from lightning_dqa.codec import HuffmanCodebook
+from lightning_dqa.codec import HuffmanCodebook, bit_count
 from lightning_dqa.observers import ChannelStats
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ __all__ = [
 WIDTHS = tuple(range(2, 9))
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 EXTRA_BITS = (1, 2, 3, 4)
+MAX_EXTRA_BITS = max(EXTRA_BITS)  # what a loaded checkpoint or artifact may say of an allocated layer: bits in
+# WIDTHS, extra_bits in [0, MAX_EXTRA_BITS] (0 when no channel is important)
 NOISE_SAMPLES = 2048  # sampled positions per layer used for the estimates
 SEARCH_RATIOS = 21  # clip ratios tried per width in the estimates (the final clip uses the full grid)
 
@@ -199,10 +201,7 @@ def layer_options(
                 k = int(round(r * channels))
                 if k == 0:
                     continue
-                book = HuffmanCodebook.from_counts(hist[k - 1].numpy())
-                p = hist[k - 1].double().numpy() / max(int(hist[k - 1].sum()), 1)
-                mean_len = float(np.dot(p, book.lengths))
-                bits = n * numel + numel * k / channels * mean_len + side + book.size_bits
+                bits = n * numel + side + _error_bits(hist[k - 1].numpy(), numel * k / channels)
                 options.append(LayerOption(n, r, m, k, bits, base + float(gain[k - 1])))
     return options
 
@@ -292,12 +291,19 @@ def stored_bits_per_sample(q: ActivationQuantizer, stats: ChannelStats, static_s
     if q.passthrough:
         return 32.0 * numel
     bits = float(q.n * numel) + (0.0 if static_scales else float(F.SCALE_BITS * q.num_channels))
-    k = int(q.important.sum())
-    counts = q.error_counts.cpu().numpy()
-    if k and counts.sum() > 0:
-        book = HuffmanCodebook.from_counts(counts)
-        bits += numel * k / q.num_channels * float(np.dot(counts / counts.sum(), book.lengths)) + book.size_bits
-    return bits
+    return bits + _error_bits(q.error_counts.cpu().numpy(), numel * int(q.important.sum()) / q.num_channels)
+
+
+def _error_bits(counts: np.ndarray, values: float) -> float:
+    """Bits of ``values`` shifting errors distributed as ``counts``, Huffman-coded with their own book, plus the book.
+
+    The rule :func:`lightning_dqa.accounting.histogram_bits` applies, for a fractional number of values per sample.
+    """
+    total = int(counts.sum())
+    if values == 0 or total == 0:
+        return 0.0
+    book = HuffmanCodebook.from_counts(counts)
+    return values * bit_count(counts, book) / total + book.size_bits
 
 
 def plan(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_dqa.allocation import MAX_EXTRA_BITS, WIDTHS
 from lightning_dqa.attach import QUANTIZER_ATTR, find_quant_points, quantizers_of
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.export.atomic import all_or_nothing, prefixed
@@ -82,7 +83,7 @@ def _compare_layout(
 def _allocated_widths(name: str, theirs: Mapping[str, Any]) -> tuple[str, ...]:
     """Check a budget-allocated layer's saved widths; returns the buffers whose values may differ from the model's."""
     values = {}
-    for buf, lo, hi in (("bits", 2, 8), ("extra_bits", 0, 4)):
+    for buf, lo, hi in (("bits", min(WIDTHS), max(WIDTHS)), ("extra_bits", 0, MAX_EXTRA_BITS)):
         t = theirs.get(buf)
         if not isinstance(t, Tensor) or t.shape != () or t.dtype != torch.int64 or not lo <= int(t) <= hi:
             raise ValueError(

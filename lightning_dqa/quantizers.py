@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dqa import functional as F
+from lightning_dqa.allocation import MAX_EXTRA_BITS, WIDTHS
 from lightning_dqa.fields import fail, read_bool, read_float_list, read_int, read_int_list
 
 __all__ = ["ActivationQuantizer"]
@@ -172,7 +173,8 @@ class ActivationQuantizer(nn.Module):
         :func:`lightning_dqa.checkpoint.check_quantizer_layout`), so its error histogram has the saved size.
         """
         bits, extra = state_dict.get(prefix + "bits"), state_dict.get(prefix + "extra_bits")
-        if self.allocated and isinstance(bits, Tensor) and isinstance(extra, Tensor) and 0 <= int(extra) <= 12:
+        widths = isinstance(bits, Tensor) and isinstance(extra, Tensor) and 0 <= int(extra) <= MAX_EXTRA_BITS
+        if self.allocated and widths:
             self.set_widths(int(bits), int(extra))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_mirrors()
@@ -232,8 +234,9 @@ class ActivationQuantizer(nn.Module):
         fields = [("channels", self.num_channels, 1, 2**31), ("channel_dim", self.channel_dim, -8, 7)]
         widths = {}
         if self.allocated:  # chosen by calibration under a budget: the entry says what was chosen
-            n = read_int(entry, "bits", owner, 0 if self.passthrough else 2, 0 if self.passthrough else 8)
-            widths = {"bits": torch.tensor(n), "extra_bits": torch.tensor(read_int(entry, "extra_bits", owner, 0, 4))}
+            n = read_int(entry, "bits", owner, min(WIDTHS), max(WIDTHS))
+            m = read_int(entry, "extra_bits", owner, 0, MAX_EXTRA_BITS)
+            widths = {"bits": torch.tensor(n), "extra_bits": torch.tensor(m)}
         else:
             fields += [("bits", self.n, 0, 16), ("extra_bits", self.m, 0, 16)]
         for field, mine, lo, hi in fields:
