@@ -173,9 +173,9 @@ class ActivationQuantizer(nn.Module):
         :func:`lightning_dqa.checkpoint.check_quantizer_layout`), so its error histogram has the saved size.
         """
         bits, extra = state_dict.get(prefix + "bits"), state_dict.get(prefix + "extra_bits")
-        widths = isinstance(bits, Tensor) and isinstance(extra, Tensor) and 0 <= int(extra) <= MAX_EXTRA_BITS
-        if self.allocated and widths:
-            self.set_widths(int(bits), int(extra))
+        if self.allocated and isinstance(bits, Tensor) and isinstance(extra, Tensor):
+            if 0 <= int(extra) <= MAX_EXTRA_BITS:  # out of range: the load below fails on the histogram's shape
+                self.set_widths(int(bits), int(extra))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_mirrors()
 
