@@ -20,6 +20,7 @@ from lightning_dqa.attach import find_quant_points, tap
 from lightning_dqa.batches import clone_inference, default_batch_size, truncate
 from lightning_dqa.config import DQAConfig
 from lightning_dqa.observers import ChannelStatsObserver
+from lightning_dqa.sampling import sample_keys
 
 __all__ = ["Collected", "collect"]
 
@@ -61,7 +62,7 @@ class _Taps:
                 p.channel_dim,
                 track_gradients=config.needs_gradients,
                 name=p.name,
-                generator_seed=config.seed + i,
+                seed=config.seed + i,
             )
             for i, p in enumerate(points)
         }
@@ -135,6 +136,9 @@ def collect(
             size = batch_size_fn(batch)
             if num_samples is not None and out.samples + size > num_samples:
                 batch, size = truncate(batch, num_samples - out.samples), num_samples - out.samples
+            keys = sample_keys(batch, size, config.seed)
+            for obs in taps.observers.values():
+                obs.set_batch_keys(keys)
             _observe(model, batch, taps, forward_fn, loss_fn if config.needs_gradients else None)
             if keep_batches:
                 out.batches.append(batch)

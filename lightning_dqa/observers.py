@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_dqa.sampling import bottom_k, mix64, position_keys, sample_keys
+
 __all__ = ["ChannelStats", "ChannelStatsObserver", "Reducer"]
 
 # reducer(tensor, op) -> tensor combined over ranks; op is "sum", "max", "min" or "cat" (concatenate dim -1).
@@ -33,8 +35,9 @@ class ChannelStats:
         count: number of values per channel that were observed.
         grad_sq: ``(C,)`` sum of ``(dL/dx)**2`` (zeros when no gradient was seen).
         saliency: ``(C,)`` sum of ``|x| * |dL/dx|``.
-        samples: ``(C, K)`` random sample of each channel's values (the same positions for all channels),
-            used for percentile and MSE clipping and the code-book histogram.
+        samples: ``(C, K)`` sample of each channel's values at the same ``K`` positions for all channels, chosen
+            by content keys (:mod:`lightning_dqa.sampling`), so equal on one process and on any number of
+            ranks; used for percentile and MSE clipping and the code-book histogram.
         numel_per_sample: values of this tensor per input sample (for memory accounting).
         grad_seen: whether any gradient arrived.
 
@@ -57,12 +60,15 @@ class ChannelStatsObserver(nn.Module):
     Args:
         num_channels: ``C``.
         channel_dim: channel axis of the observed tensors.
-        samples_per_batch: values per channel sampled from each observed tensor (uniformly, without
-            replacement, at the same positions for every channel).
-        max_samples: cap on the stored sample per channel; beyond it the sample is thinned at random.
+        max_samples: ``K``, positions kept: those with the smallest keys over everything observed (a uniform
+            sample without replacement, the same positions for every channel).
         track_gradients: register a gradient hook on observed tensors that require grad.
         name: layer name for error messages.
-        generator_seed: seed of the sampling.
+        seed: salt of the position keys (another seed, another sample).
+
+    The keys of a batch's samples come from :meth:`set_batch_keys` (the statistics pass hashes each sample's
+    contents); without them, or when the tensor's leading axis is not the batch, each row is keyed by the bytes
+    of its own activations.
 
     Raises:
         ValueError: in ``forward``, when the tensor holds NaN or Inf (the message names the layer).
@@ -73,20 +79,19 @@ class ChannelStatsObserver(nn.Module):
         self,
         num_channels: int,
         channel_dim: int = 1,
-        samples_per_batch: int = 512,
-        max_samples: int = 16384,
+        max_samples: int = 8192,
         track_gradients: bool = False,
         name: str = "",
-        generator_seed: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.num_channels = num_channels
         self.channel_dim = channel_dim
-        self.samples_per_batch = samples_per_batch
         self.max_samples = max_samples
         self.track_gradients = track_gradients
         self.name = name
-        self._seed = generator_seed
+        self._salt = int(mix64(torch.tensor([seed], dtype=torch.int64)))
+        self._batch_keys: Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -100,14 +105,22 @@ class ChannelStatsObserver(nn.Module):
         self.count = 0
         self.numel_per_sample = 0
         self.grad_seen = False
-        self._samples: list[Tensor] = []
-        self._generator = torch.Generator().manual_seed(self._seed)
+        self._keys = torch.zeros(0, dtype=torch.int64)
+        self._values = torch.zeros(c, 0)
+
+    def set_batch_keys(self, keys: Tensor | None) -> None:
+        """Set the ``(B,)`` int64 content keys of the samples in the next tensors observed.
+
+        ``None`` keys each row by its activations instead: equal across ranks only where they are bit-identical.
+        """
+        self._batch_keys = keys
 
     def _dims(self, x: Tensor) -> tuple[int, ...]:
         """Every axis of ``x`` but the channel axis (reductions over them need no transposed copy)."""
         cd = self.channel_dim % x.ndim
         return tuple(d for d in range(x.ndim) if d != cd)
 
+    @torch.compiler.disable  # eager statistics: nothing to gain from a graph, and int64 hashing trips inductor
     @torch.no_grad()
     def _update(self, x: Tensor) -> None:
         x = x.detach()
@@ -131,19 +144,30 @@ class ChannelStatsObserver(nn.Module):
         self.count += values
         batch = x.shape[0] if x.ndim > 1 else 1
         self.numel_per_sample = x.numel() // max(batch, 1)
-        # k random positions (without replacement), the same for every channel: (k, C) by advanced indexing
-        k = min(self.samples_per_batch, values)
-        flat_pos = torch.randperm(values, generator=self._generator)[:k]
-        xm = x.movedim(self.channel_dim % x.ndim, -1)  # a view with channels last
-        coords = tuple(c.to(x.device) for c in torch.unravel_index(flat_pos, tuple(xm.shape[:-1])))
-        self._samples.append(xm[coords].float().t().contiguous())  # (k, C) -> (C, k)
-        if sum(s.shape[1] for s in self._samples) > 2 * self.max_samples:
-            self._thin()
+        self._sample(x)
 
-    def _thin(self) -> None:
-        allv = torch.cat(self._samples, dim=1)
-        keep = torch.randperm(allv.shape[1], generator=self._generator)[: self.max_samples].to(allv.device)
-        self._samples = [allv.index_select(1, keep.sort().values)]
+    def _sample(self, x: Tensor) -> None:
+        """Merge the positions of ``x`` with the smallest keys into the kept bottom-``K`` sample."""
+        xm = x.movedim(self.channel_dim % x.ndim, -1)  # a view with channels last: (rows, ..., C)
+        xm = xm if xm.ndim > 1 else xm[None]
+        rows = xm.shape[0]
+        keys = self._batch_keys
+        if keys is None or keys.numel() != rows:
+            keys = sample_keys(xm, rows)  # each row keyed by its own activations (one extra pass)
+            assert keys is not None
+        keys = position_keys(keys.to(x.device), xm[0].numel() // self.num_channels, self._salt).flatten()
+        cand = torch.arange(keys.numel(), device=x.device)
+        if self._keys.numel() >= self.max_samples:
+            cand = cand[keys < self._keys[-1].to(x.device)]
+        if cand.numel() > self.max_samples:
+            cand = cand[torch.topk(keys[cand], self.max_samples, largest=False).indices]
+        coords = torch.unravel_index(cand, tuple(xm.shape[:-1]))
+        values = xm[coords].float().t()  # (k, C) -> (C, k)
+        self._keys, self._values = bottom_k(
+            torch.cat([self._keys.to(x.device), keys[cand]]),
+            torch.cat([self._values.to(x.device), values], dim=1),
+            self.max_samples,
+        )
 
     def _on_grad(self, x: Tensor) -> Callable[[Tensor], None]:
         def hook(g: Tensor) -> None:
@@ -163,16 +187,8 @@ class ChannelStatsObserver(nn.Module):
         return x
 
     def samples(self) -> Tensor:
-        """``(C, K)`` stored sample of values (empty when nothing was observed)."""
-        if not self._samples:
-            return torch.zeros(self.num_channels, 0)
-        if len(self._samples) > 1 or self._samples[0].shape[1] > self.max_samples:
-            allv = torch.cat(self._samples, dim=1)
-            if allv.shape[1] > self.max_samples:
-                keep = torch.randperm(allv.shape[1], generator=self._generator)[: self.max_samples]
-                allv = allv.index_select(1, keep.sort().values.to(allv.device))
-            self._samples = [allv]
-        return self._samples[0]
+        """``(C, K)`` kept sample of values in key order (``K = 0`` when nothing was observed)."""
+        return self._values
 
     def reduce_(self, reducer: Reducer) -> None:
         """Combine the state of all ranks in place (every rank ends with the same state)."""
@@ -186,7 +202,8 @@ class ChannelStatsObserver(nn.Module):
         )
         counts = reducer(flags, "sum")  # float64: counts stay exact far beyond 2**24
         self.count, self.grad_seen = int(counts[0]), bool(counts[1] > 0)
-        self._samples = [reducer(self.samples(), "cat")]
+        # The bottom K of the union of every rank's bottom K is the bottom K of all positions: one process's sample.
+        self._keys, self._values = bottom_k(reducer(self._keys, "cat"), reducer(self._values, "cat"), self.max_samples)
 
     def compute(self) -> ChannelStats:
         """The statistics observed so far.

@@ -2,9 +2,9 @@
 
 The engine runs with the reducer and broadcast the callback builds from its strategy
 (:mod:`lightning_dqa.distributed`), here over a minimal strategy on ``torch.distributed`` so that one pair of
-processes checks every ranking. Clipping is ``none``: its scales are exact maxima, so every difference would be
-a reduction error. (``percentile`` and ``mse`` read a random sample of values that each rank draws from its own
-batches; they agree across ranks, by broadcast, but are not equal to one process.)
+processes checks every ranking (with clipping ``none``, so that scales are exact maxima) and every clipping rule
+(with the default ranking). ``percentile`` and ``mse`` clipping and the code book read a sample of values chosen
+by content keys (:mod:`lightning_dqa.sampling`), so the ranks' merged sample is one process's sample.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lightning_dqa.greedy import greedy_rank
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on Linux/macOS")
 
 RANKINGS = ("fisher", "saliency", "energy", "max", "random", "greedy")
+CLIPPINGS = ("percentile", "mse")
 
 
 class TorchDistributed:
@@ -55,10 +56,12 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[i : i + 32], y[i : i + 32]) for i in range(0, 80, 32)]
 
 
-def calibrated_state(ranking: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+def calibrated_state(
+    ranking: str, rank: int = 0, world: int = 1, clipping: str = "none"
+) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = TinyNet().net.eval()
-    config = DQAConfig(bits=3, ranking=ranking, clipping="none", first_layer_bits=None)
+    config = DQAConfig(bits=3, ranking=ranking, clipping=clipping, first_layer_bits=None)
     prepare(model, config)
     shard = [b for i, b in enumerate(batches()) if i % world == rank]
     strategy = TorchDistributed()
@@ -104,6 +107,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         states = {ranking: calibrated_state(ranking, rank, world) for ranking in RANKINGS}
+        states.update({f"clip-{c}": calibrated_state("fisher", rank, world, clipping=c) for c in CLIPPINGS})
         states["greedy_scores"] = greedy_scores(rank, world)
         torch.save(states, f"{out}/rank{rank}.pt")
     finally:
@@ -116,19 +120,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_every_ranking_on_uneven_shards_equals_one_process(tmp_path):
+def test_every_ranking_and_clipping_on_uneven_shards_equals_one_process(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for ranking in RANKINGS:
-        single = calibrated_state(ranking)
+    runs = [(ranking, ranking, "none") for ranking in RANKINGS]
+    runs += [(f"clip-{c}", "fisher", c) for c in CLIPPINGS]
+    for name, ranking, clipping in runs:
+        single = calibrated_state(ranking, clipping=clipping)
         for key, value in single.items():
-            assert torch.equal(r0[ranking][key], r1[ranking][key]), f"{ranking}: ranks disagree at {key}"
-            if key.endswith("error_counts"):
-                continue  # the code book's histogram comes from each rank's own random sample of values
-            assert torch.equal(r0[ranking][key], value), f"{ranking}: {key} differs from one process"
+            assert torch.equal(r0[name][key], r1[name][key]), f"{name}: ranks disagree at {key}"
+            assert torch.equal(r0[name][key], value), f"{name}: {key} differs from one process"
         important = sum(int(v.sum()) for k, v in single.items() if k.endswith("important"))
-        assert important > 0, ranking
+        assert important > 0, name
+        assert sum(int(v.sum()) for k, v in single.items() if k.endswith("error_counts")) > 0, name
+    # the clipping rules did clip: some scale below the unclipped one
+    unclipped = calibrated_state("fisher")
+    for c in CLIPPINGS:
+        clipped = calibrated_state("fisher", clipping=c)
+        assert any(
+            bool((clipped[k] < unclipped[k]).any()) for k in unclipped if k.endswith(".scale")
+        ), f"{c} clipped nothing"
     # the search's own sums: without the reduction each rank would score only its own 48 or 32 samples
     single = greedy_scores()
     assert single.keys() == r0["greedy_scores"].keys()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from lightning_dqa.observers import ChannelStats, ChannelStatsObserver
+from lightning_dqa.sampling import sample_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -84,15 +87,14 @@ LAYOUTS = [((4, 3, 5, 5), 1), ((6, 3), -1), ((2, 5, 3), -1), ((2, 5, 3), 2), ((3
 def test_samples_for_every_layout(shape, channel_dim):
     c = shape[channel_dim]
     xs = [randn(*shape, seed=i) for i in range(2)]
-    obs = ChannelStatsObserver(c, channel_dim=channel_dim, samples_per_batch=4)
+    obs = ChannelStatsObserver(c, channel_dim=channel_dim, max_samples=4)
     for x in xs:
         obs(x)
     st = obs.compute()
     allv = flat(xs, channel_dim)
     assert torch.equal(st.max_abs, allv.abs().amax(dim=1))
     assert st.count == allv.shape[1]
-    k = min(4, allv.shape[1] // 2)
-    assert st.samples.shape == (c, 2 * k)
+    assert st.samples.shape == (c, min(4, allv.shape[1]))
     for j in range(st.samples.shape[1]):
         assert (allv == st.samples[:, j : j + 1]).all(dim=0).any()
 
@@ -103,46 +105,66 @@ def test_nonnegative_data_has_nonnegative_min():
     assert (obs.compute().min >= 0).all()
 
 
-def test_samples_shape_and_values_are_real_positions():
+def test_samples_shape_and_values_are_real_distinct_positions():
     xs = batches()
-    obs = ChannelStatsObserver(4, samples_per_batch=7, max_samples=100)
+    obs = ChannelStatsObserver(4, max_samples=20)
     for x in xs:
         obs(x)
     samples = obs.compute().samples
-    assert samples.shape == (4, 7 * len(xs))
+    assert samples.shape == (4, 20)
     allv = flat(xs)  # values are distinct (continuous), so each column names one position
     for j in range(samples.shape[1]):
         col = samples[:, j : j + 1]
         hits = (allv == col).all(dim=0)
         assert int(hits.sum()) == 1, "a sampled column must be the values of all channels at one real position"
-    # without replacement within a batch: no duplicated column
-    assert torch.unique(samples, dim=1).shape[1] == samples.shape[1]
+    assert torch.unique(samples, dim=1).shape[1] == samples.shape[1]  # without replacement
 
 
-def test_samples_small_tensors_take_everything_and_cap_applies():
-    obs = ChannelStatsObserver(2, samples_per_batch=512, max_samples=10)
-    for i in range(5):
-        obs(randn(1, 2, 3, seed=i))  # 3 values per channel per batch, fewer than samples_per_batch
-    s = obs.samples()
-    assert s.shape == (2, 10)
-    allv = flat([randn(1, 2, 3, seed=i) for i in range(5)])
-    for j in range(10):
-        assert (allv == s[:, j : j + 1]).all(dim=0).any()
-    obs2 = ChannelStatsObserver(2, samples_per_batch=512, max_samples=10)
-    for i in range(40):  # beyond 2 * max_samples: thinned while observing
-        obs2(randn(1, 2, 3, seed=i))
-    assert obs2.samples().shape == (2, 10)
+def test_small_sets_are_kept_whole():
+    xs = [randn(1, 2, 3, seed=i) for i in range(5)]
+    obs = ChannelStatsObserver(2, max_samples=100)
+    for x in xs:
+        obs(x)
+    s, allv = obs.samples(), flat(xs)
+    assert s.shape == allv.shape == (2, 15)
+    assert torch.equal(s[:, s[0].argsort()], allv[:, allv[0].argsort()])
 
 
-def test_sampling_is_seeded():
-    def run(seed):
-        obs = ChannelStatsObserver(4, samples_per_batch=5, generator_seed=seed)
-        for x in batches():
-            obs(x)
-        return obs.samples()
+def keyed(xs, bounds, max_samples=16, seed=0):
+    """Observe the rows of ``xs`` cut into batches at ``bounds``, keyed by content like the statistics pass."""
+    obs = ChannelStatsObserver(xs.shape[1], max_samples=max_samples, seed=seed)
+    for lo, hi in itertools.pairwise(bounds):
+        obs.set_batch_keys(sample_keys(xs[lo:hi], hi - lo))
+        obs(xs[lo:hi])
+    return obs
 
-    assert torch.equal(run(3), run(3))
-    assert not torch.equal(run(3), run(4))
+
+def test_keyed_sample_does_not_depend_on_batching_or_order():
+    xs = randn(12, 3, 4, 4)
+    a = keyed(xs, [0, 12]).samples()
+    b = keyed(xs, [0, 1, 5, 6, 12]).samples()
+    c = keyed(xs.flip(0), [0, 7, 12]).samples()
+    assert a.shape == (3, 16)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, keyed(xs, [0, 12], seed=1).samples())
+
+
+def test_reduce_of_shards_equals_one_observer_on_the_union():
+    xs = randn(10, 3, 4, 4)
+    whole = keyed(xs, [0, 4, 10])
+    rank0, rank1 = keyed(xs[:3], [0, 3]), keyed(xs[3:], [0, 2, 7])  # uneven shards, other batch boundaries
+    rank0.reduce_(TwoRanks(rank1))
+    assert torch.equal(rank0.samples(), whole.samples())
+    assert torch.equal(rank0.max_abs, whole.max_abs)
+    assert rank0.count == whole.count
+
+
+def test_duplicated_samples_are_kept_once():
+    xs = randn(4, 2, 3)
+    once = keyed(xs, [0, 4], max_samples=100).samples()
+    twice = keyed(torch.cat([xs, xs[:2]]), [0, 3, 6], max_samples=100).samples()
+    assert once.shape == (2, 12)
+    assert torch.equal(once, twice)
 
 
 def test_gradient_statistics_match_autograd():
@@ -232,7 +254,7 @@ class TwoRanks:
 
 
 def _observe(xs, track=False):
-    obs = ChannelStatsObserver(4, samples_per_batch=6, track_gradients=track)
+    obs = ChannelStatsObserver(4, max_samples=6, track_gradients=track)
     for x in xs:
         xr = x.clone().requires_grad_(track)
         out = obs(xr)
@@ -244,7 +266,6 @@ def _observe(xs, track=False):
 def test_reduce_with_two_fake_ranks_gives_merged_statistics():
     xa, xb = batches(seed=0, n=2), batches(seed=20, n=3)
     rank0, rank1 = _observe(xa, track=True), _observe(xb)
-    samples0, samples1 = rank0.samples().clone(), rank1.samples().clone()
     reducer = TwoRanks(rank1)
     rank0.reduce_(reducer)
     assert reducer.calls == len(reducer.recorded)
@@ -257,7 +278,8 @@ def test_reduce_with_two_fake_ranks_gives_merged_statistics():
     assert st.grad_seen  # seen on rank 0 only: still seen after the reduction
     grads_a = flat(xa).double()  # d(0.5 x^2)/dx = x on rank 0, nothing on rank 1
     assert torch.allclose(st.grad_sq, grads_a.square().sum(dim=1), rtol=1e-5)
-    assert torch.equal(st.samples, torch.cat([samples0, samples1], dim=1))
+    # no batch keys: rows are keyed by their activations, so the merged sample is one observer's on all batches
+    assert torch.equal(st.samples, _observe(xa + xb).samples())
 
 
 def test_reduce_with_identity_reducer_is_a_no_op():
