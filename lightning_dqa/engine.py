@@ -262,12 +262,19 @@ def _reduce(collected: Collected, reducer: Reducer | None) -> dict[str, ChannelS
 
 
 def freeze_scales(
-    quantizers: Quantizers, stats: dict[str, ChannelStats], config: DQAConfig, important_bits: bool
+    quantizers: Quantizers,
+    stats: dict[str, ChannelStats],
+    config: DQAConfig,
+    important_bits: bool,
+    important_only: bool = False,
 ) -> None:
     """Stage 3: resolve code signedness and (static modes) set clipped per-channel scales.
 
     With ``important_bits`` the clip of each important channel is searched at ``n + m`` bits, the width it is
-    quantized at; otherwise every channel is clipped for ``n`` bits (what the ranking runs with).
+    quantized at; otherwise every channel is clipped for ``n`` bits (what the ranking runs with). With
+    ``important_only`` only the important channels are clipped again and the others keep the scale already
+    frozen (for the same ``n``), which is what a full pass would give them: every rule clips channels
+    independently.
     """
     for name, q in quantizers.items():
         st = stats[name]
@@ -279,8 +286,16 @@ def freeze_scales(
         bits = torch.full_like(st.max_abs, q.n, dtype=torch.int64)
         if important_bits:
             bits = torch.where(q.important.to(bits.device), q.n + q.m, q.n)
-        max_abs = clip_max(config.clipping, st.max_abs, st.samples, bits, signed, config.percentile)
-        q.set_static_scale(scale_from_max(max_abs, q.n, signed))
+        if not important_only:
+            max_abs = clip_max(config.clipping, st.max_abs, st.samples, bits, signed, config.percentile)
+            q.set_static_scale(scale_from_max(max_abs, q.n, signed))
+            continue
+        idx = q.important.nonzero().squeeze(1).to(st.max_abs.device)
+        if idx.numel():
+            max_abs = clip_max(config.clipping, st.max_abs[idx], st.samples[idx], bits[idx], signed, config.percentile)
+            scale = q.scale.detach().clone()
+            scale[idx.to(scale.device)] = scale_from_max(max_abs, q.n, signed).to(scale)
+            q.set_static_scale(scale)
 
 
 def select_channels(
@@ -291,7 +306,7 @@ def select_channels(
     for name, q in quantizers.items():
         if not q.passthrough:
             q.important.copy_(important_mask(scores[name], config.ratio).to(q.important.device))
-    freeze_scales(quantizers, stats, config, important_bits=True)
+    freeze_scales(quantizers, stats, config, important_bits=True, important_only=True)
 
 
 def allocate_widths(
@@ -300,7 +315,8 @@ def allocate_widths(
     """Stage 4 under ``target_bits``: per-layer ``n``, ratio and ``m`` (:mod:`lightning_dqa.allocation`).
 
     The plan works on estimates; once scales and error histograms are final, the bits are counted as the meter
-    counts them and, while above the budget, the layer that loses least per bit saved steps down its options.
+    counts them and, while above the budget less its headroom (``Allocation.limit_bits``), the layer that loses
+    least per bit saved steps down its options.
     """
     scores = RANKINGS[config.ranking].rank(inputs) if config.selects_channels else None
     allocation = plan(quantizers, stats, config, scores)
@@ -318,7 +334,7 @@ def allocate_widths(
             _count_errors(q, stats[name])
         total = sum(stored_bits_per_sample(q, stats[n], static) for n, q in quantizers.items())
         allocation.achieved_bits = total / allocation.values_per_sample
-        stepped = allocation.step_down() if allocation.achieved_bits > allocation.target_bits else None
+        stepped = allocation.step_down() if allocation.achieved_bits > allocation.limit_bits else None
         changed = [stepped] if stepped is not None else []
     return allocation
 
