@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import Logger
 from tiny import TinyData, TinyNet, make_data, quiet_trainer
 
 from lightning_dqa import DQACallback, DQAConfig, calibrate, prepare
-from lightning_dqa.allocation import LayerOption, allocate
+from lightning_dqa.allocation import HEADROOM, LayerOption, allocate
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.checkpoint import check_quantizer_layout
 from lightning_dqa.demos.models import build_model
@@ -57,7 +57,8 @@ def test_achieved_bits_never_exceed_the_budget(name, budget):
     report = run(model, DQAConfig(target_bits=budget, first_layer_bits=8), x, y)
     allocation = report.allocation
     assert allocation is not None
-    assert allocation.achieved_bits <= budget + 1e-9
+    assert allocation.achieved_bits <= allocation.limit_bits + 1e-9
+    assert allocation.limit_bits == pytest.approx(budget * (1 - HEADROOM))
     assert allocation.achieved_bits >= budget - 0.6  # the budget is spent, not ignored
     assert set(allocation.choices) == {n for n, q in quantizers_of(model).items() if q.allocated}
     first = next(iter(quantizers_of(model).values()))
@@ -92,10 +93,26 @@ def test_solver_on_a_known_problem():
 
     options = {"a": [opt(2, 10), opt(3, 4), opt(4, 3)], "b": [opt(2, 8), opt(3, 7), opt(4, 1)]}
     # 7 bits over 2 values: the best split is a=3 (-6), b=4 would cost 2 more bits (-7 for 2 bits), too much
-    alloc = allocate(options, fixed_bits_per_sample=0.0, values_per_sample=2, target_bits=3.5)
+    alloc = allocate(options, fixed_bits_per_sample=0.0, values_per_sample=2, target_bits=3.5, headroom=0.0)
     assert {n: o.bits for n, o in alloc.choices.items()} == {"a": 3, "b": 4}
-    alloc = allocate(options, fixed_bits_per_sample=0.0, values_per_sample=2, target_bits=2.5)
+    alloc = allocate(options, fixed_bits_per_sample=0.0, values_per_sample=2, target_bits=2.5, headroom=0.0)
     assert {n: o.bits for n, o in alloc.choices.items()} == {"a": 3, "b": 2}
+
+
+def test_headroom_keeps_part_of_the_budget_free_but_never_refuses_a_feasible_one():
+    def opt(bits):
+        return LayerOption(bits, 0.0, 0, 0, float(bits), 12.0 / bits)  # strictly convex: every step on the hull
+
+    options = {"a": [opt(2), opt(3), opt(4)], "b": [opt(2), opt(3), opt(4)]}
+    # 7 bits fit exactly without headroom; with 1 % kept free (6.93 bits) one layer steps down
+    assert sum(o.bits for o in allocate(options, 0.0, 2, 3.5, headroom=0.0).choices.values()) == 7
+    alloc = allocate(options, 0.0, 2, 3.5, headroom=0.01)
+    assert sum(o.bits for o in alloc.choices.values()) == 6
+    assert alloc.limit_bits == pytest.approx(3.5 * 0.99)
+    # a budget equal to the cheapest options is met by them, headroom or not
+    alloc = allocate(options, 0.0, 2, 2.0, headroom=0.01)
+    assert [o.bits for o in alloc.choices.values()] == [2, 2]
+    assert alloc.limit_bits == 2.0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0, 33, "3", True])

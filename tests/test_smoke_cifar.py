@@ -66,5 +66,5 @@ def test_budget_at_uniform_bits_is_no_worse(results, cifar_root, resnet32_weight
     _, uniform_bits = results["direct"]
     acc, bpv = _accuracy(cifar_root, resnet32_weights, method="dqa", target_bits=uniform_bits)
     assert acc >= results["direct"][0]
-    # measured on the evaluation images with the code book from calibration: within 0.5 % of the budget
-    assert bpv <= uniform_bits * 1.005
+    # measured on the evaluation images with the code book from calibration, inside the headroom kept free
+    assert bpv <= uniform_bits
