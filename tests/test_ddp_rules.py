@@ -2,9 +2,10 @@
 
 The engine runs with the reducer and broadcast the callback builds from its strategy
 (:mod:`lightning_dqa.distributed`), here over a minimal strategy on ``torch.distributed`` so that one pair of
-processes checks every ranking (with clipping ``none``, so that scales are exact maxima) and every clipping rule
-(with the default ranking). ``percentile`` and ``mse`` clipping and the code book read a sample of values chosen
-by content keys (:mod:`lightning_dqa.sampling`), so the ranks' merged sample is one process's sample.
+processes checks every ranking (with clipping ``none``, so that scales are exact maxima), every clipping rule
+(with the default ranking) and a ``target_bits`` allocation. ``percentile`` and ``mse`` clipping and the code
+book read a sample of values chosen by content keys (:mod:`lightning_dqa.sampling`), so the ranks' merged sample
+is one process's sample.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test
 
 RANKINGS = ("fisher", "saliency", "energy", "max", "random", "greedy")
 CLIPPINGS = ("percentile", "mse")
+BUDGET = 4.5  # target_bits of the allocation run (per-layer widths from the reduced statistics)
 
 
 class TorchDistributed:
@@ -57,11 +59,11 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def calibrated_state(
-    ranking: str, rank: int = 0, world: int = 1, clipping: str = "none"
+    ranking: str, rank: int = 0, world: int = 1, clipping: str = "none", target_bits: float | None = None
 ) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = TinyNet().net.eval()
-    config = DQAConfig(bits=3, ranking=ranking, clipping=clipping, first_layer_bits=None)
+    config = DQAConfig(bits=3, ranking=ranking, clipping=clipping, first_layer_bits=None, target_bits=target_bits)
     prepare(model, config)
     shard = [b for i, b in enumerate(batches()) if i % world == rank]
     strategy = TorchDistributed()
@@ -108,6 +110,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         states = {ranking: calibrated_state(ranking, rank, world) for ranking in RANKINGS}
         states.update({f"clip-{c}": calibrated_state("fisher", rank, world, clipping=c) for c in CLIPPINGS})
+        states["budget"] = calibrated_state("fisher", rank, world, clipping="mse", target_bits=BUDGET)
         states["greedy_scores"] = greedy_scores(rank, world)
         torch.save(states, f"{out}/rank{rank}.pt")
     finally:
@@ -124,23 +127,27 @@ def test_every_ranking_and_clipping_on_uneven_shards_equals_one_process(tmp_path
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    runs = [(ranking, ranking, "none") for ranking in RANKINGS]
-    runs += [(f"clip-{c}", "fisher", c) for c in CLIPPINGS]
-    for name, ranking, clipping in runs:
-        single = calibrated_state(ranking, clipping=clipping)
+    runs = [(ranking, ranking, "none", None) for ranking in RANKINGS]
+    runs += [(f"clip-{c}", "fisher", c, None) for c in CLIPPINGS]
+    runs += [("budget", "fisher", "mse", BUDGET)]
+    for name, ranking, clipping, budget in runs:
+        single = calibrated_state(ranking, clipping=clipping, target_bits=budget)
         for key, value in single.items():
             assert torch.equal(r0[name][key], r1[name][key]), f"{name}: ranks disagree at {key}"
             assert torch.equal(r0[name][key], value), f"{name}: {key} differs from one process"
         important = sum(int(v.sum()) for k, v in single.items() if k.endswith("important"))
         assert important > 0, name
         assert sum(int(v.sum()) for k, v in single.items() if k.endswith("error_counts")) > 0, name
+    budget_state = calibrated_state("fisher", clipping="mse", target_bits=BUDGET)
+    widths = {int(v) for k, v in budget_state.items() if k.endswith(".bits")}
+    assert len(widths) > 1, f"the budget run chose one width everywhere ({widths}): it tests nothing per layer"
     # the clipping rules did clip: some scale below the unclipped one
     unclipped = calibrated_state("fisher")
     for c in CLIPPINGS:
         clipped = calibrated_state("fisher", clipping=c)
-        assert any(
-            bool((clipped[k] < unclipped[k]).any()) for k in unclipped if k.endswith(".scale")
-        ), f"{c} clipped nothing"
+        assert any(bool((clipped[k] < unclipped[k]).any()) for k in unclipped if k.endswith(".scale")), (
+            f"{c} clipped nothing"
+        )
     # the search's own sums: without the reduction each rank would score only its own 48 or 32 samples
     single = greedy_scores()
     assert single.keys() == r0["greedy_scores"].keys()
