@@ -1,7 +1,9 @@
 """Calibration cost against a plain FP32 pass over the same samples, in CPU time on one thread (not a test).
 
 For each network and number of calibration samples, prints the CPU seconds of one FP32 forward pass over the
-samples (no quantizers) and of :func:`lightning_dqa.engine.calibrate` for each configuration, and their ratio.
+samples (no quantizers), of an FP32 forward and backward pass to the inputs (the floor of a gradient ranking:
+fisher needs every quantized tensor's loss gradient) and of :func:`lightning_dqa.engine.calibrate` for each
+configuration, and their ratio to the forward pass.
 CPU time of one thread is what the issue's aim (at most 2x an FP32 pass, linear in the samples) is stated in,
 and it is less disturbed by other jobs on the machine than wall time. Data are in memory (no loading cost).
 
@@ -67,6 +69,18 @@ def cpu_seconds(fn: Callable[[], Any]) -> float:
     return time.process_time() - start
 
 
+def _input_gradients(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The loss gradient with respect to the input, no weight gradients: the least work a gradient ranking does.
+
+    Fisher and saliency need every quantized tensor's loss gradient, so calibration with them costs at least one
+    forward and one backward pass through the activations (no weight gradients); this row measures that floor.
+    """
+    x = batch[0].detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), batch[1])
+        return torch.autograd.grad(loss, x)[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nets", nargs="+", default=["resnet32", "convnext_tiny"])
@@ -84,6 +98,8 @@ def main() -> None:
             with torch.no_grad():
                 fp32 = cpu_seconds(lambda model=model, batches=batches: [model(b[0]) for b in batches])
             print(f"{net:<14}{n:>8}  {'FP32 pass':<26}{fp32:>8.1f}{1.0:>13.2f}", flush=True)
+            floor = cpu_seconds(lambda model=model, batches=batches: [_input_gradients(model, b) for b in batches])
+            print(f"{net:<14}{n:>8}  {'FP32 fwd + bwd to inputs':<26}{floor:>8.1f}{floor / fp32:>13.2f}", flush=True)
             for name, changes in CONFIGS.items():
                 config = DQAConfig(**changes)
                 model = make().eval()
