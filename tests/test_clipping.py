@@ -157,3 +157,20 @@ def test_never_above_max_and_positive(seed, bits, signed, method):
 def test_unknown_method_raises():
     with pytest.raises(ValueError, match=r"clipping.*'minmax'"):
         clip_max("minmax", torch.ones(2), torch.zeros(2, 4), 3, True)
+
+
+@pytest.mark.parametrize("chunk", [1, 400, 5 * 400, 3 * 5 * 400, 1 << 19])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_mse_choice_does_not_depend_on_the_blocking(monkeypatch, chunk, mixed):
+    """Blocks of one channel and one ratio, of several channels, of several ratios, or everything: same maxima."""
+    import lightning_dqa.clipping as clipping
+
+    x = data(c=5, k=400, seed=3)
+    max_abs = x.abs().amax(dim=1)
+    bits = torch.tensor([3, 6, 3, 6, 4]) if mixed else torch.full((5,), 3)
+    reference = clip_max("mse", max_abs, x, bits, True)
+    monkeypatch.setattr(clipping, "_CHUNK_ELEMENTS", chunk)
+    assert torch.equal(clip_max("mse", max_abs, x, bits, True), reference)
+    one = [clip_max("mse", max_abs[c : c + 1], x[c : c + 1], bits[c : c + 1], True) for c in range(5)]
+    per_channel = torch.cat(one)
+    assert torch.equal(per_channel, reference)
