@@ -411,7 +411,8 @@ def _network_budget(section: dict[str, Any], ptq: list[dict[str, Any]], score: s
             + ".",
             "",
         ]
-    return [*lines, _meta(section, "budget"), ""]
+    note = section["budget"].get("note")  # e.g. why these records are older than the code (kept in the JSON)
+    return [*lines, *([f"**Note:** {note}", ""] if note else []), _meta(section, "budget"), ""]
 
 
 def _networks(results: dict[str, Any]) -> list[str]:
