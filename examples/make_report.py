@@ -94,7 +94,7 @@ def section_budget(dm: Any, calib: int) -> list[dict[str, Any]]:
 
 
 def section_qat(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """3-bit DQA, learnable scales, fine-tuned with SGD for a fixed number of steps, then evaluated."""
+    """3-bit DQA, learnable scales, fine-tuned with SGD for a fixed number of steps (BatchNorm statistics frozen)."""
     from lightning_dqa.demos.data import CIFAR10DataModule
 
     dm = CIFAR10DataModule(root=args.data_root, batch_size=128, eval_batch_size=500, seed=0)
@@ -106,6 +106,7 @@ def section_qat(args: argparse.Namespace) -> list[dict[str, Any]]:
         steps=args.qat_steps,
         lr=args.qat_lr,
         calib_samples=args.calib_samples,
+        freeze_bn_stats=True,
     )
     print(json.dumps(rec), flush=True)
     return [rec]
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--greedy-calib-samples", type=int, default=1000)
     parser.add_argument("--ablation-test", type=int, default=None, help="test images for ablation/uniform runs")
     parser.add_argument("--qat-steps", type=int, default=200)
-    parser.add_argument("--qat-lr", type=float, default=0.002)
+    parser.add_argument("--qat-lr", type=float, default=0.0002)
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     quiet()

@@ -287,7 +287,8 @@ def _qat(results: dict[str, Any]) -> list[str]:
     r = recs[0]
     return [
         f"3-bit DQA (r = {r['ratio']}, m = {r['extra_bits']}, learnable scales) fine-tuned with the callback for "
-        f"{r['qat_steps']} SGD steps of batch {r['qat_batch_size']} (lr {r['qat_lr']}, "
+        f"{r['qat_steps']} SGD steps of batch {r['qat_batch_size']} (lr {r['qat_lr']}"
+        f"{', BatchNorm statistics frozen' if r.get('qat_freeze_bn_stats') else ''}, "
         f"{r['train_seconds'] / 60:.1f} min on this machine): **{r['accuracy']:.2f} %** top-1 at "
         f"{r['bits_per_value']:.3f} measured bits per value.",
         "",

@@ -125,15 +125,21 @@ def fine_tune_one(
     model_kwargs: dict[str, Any] | None = None,
     stage: str = "validate",
     seed: int = 0,
+    freeze_bn_stats: bool = False,
     **callback_kwargs: Any,
 ) -> dict[str, Any]:
     """DQA in the default setting with learnable scales, fine-tuned for ``steps`` optimizer steps, then evaluated.
 
     The task's own optimizer and schedule run (cosine over the ``steps``) at learning rate ``lr`` without weight
-    decay; calibration happens at fit start, as for any user of the callback. Returns the record of the run.
+    decay; calibration happens at fit start, as for any user of the callback. ``freeze_bn_stats`` keeps
+    BatchNorm's running statistics as calibration saw them (the task's option of that name). Returns the record of
+    the run.
     """
     seed_everything(seed, verbose=False)
-    model = build_task(arch, weights, {**(model_kwargs or {}), "lr": lr, "weight_decay": 0.0})
+    task_kwargs = {**(model_kwargs or {}), "lr": lr, "weight_decay": 0.0}
+    if freeze_bn_stats:
+        task_kwargs["freeze_bn_stats"] = True
+    model = build_task(arch, weights, task_kwargs)
     callback = DQACallback(
         bits=bits,
         scale_mode="learnable",
@@ -166,6 +172,7 @@ def fine_tune_one(
         "qat_steps": steps,
         "qat_batch_size": getattr(datamodule, "batch_size", None),
         "qat_lr": lr,
+        "qat_freeze_bn_stats": freeze_bn_stats,
         "train_seconds": round(train_seconds, 1),
         "calib_samples": calib_samples,
         "seed": seed,

@@ -34,6 +34,9 @@ class ChannelStats:
         energy: ``(C,)`` sum of ``x**2``.
         count: number of values per channel that were observed.
         grad_sq: ``(C,)`` sum of ``(dL/dx)**2`` (zeros when no gradient was seen).
+        grad_coherent: ``(C,)`` sum over samples of the squared per-sample channel sum of ``dL/dx``: what a
+            constant error in the channel costs (a shift of every value by ``b`` moves the loss by about
+            ``b * sum(dL/dx)``), against ``grad_sq`` for errors independent from value to value.
         saliency: ``(C,)`` sum of ``|x| * |dL/dx|``.
         samples: ``(C, K)`` sample of each channel's values at the same ``K`` positions for all channels, chosen
             by content keys (:mod:`lightning_dqa.sampling`), so equal on one process and on any number of
@@ -52,6 +55,7 @@ class ChannelStats:
     samples: Tensor
     numel_per_sample: int
     grad_seen: bool
+    grad_coherent: Tensor | None = None
 
 
 class ChannelStatsObserver(nn.Module):
@@ -101,6 +105,7 @@ class ChannelStatsObserver(nn.Module):
         self.min = torch.full((c,), float("inf"))
         self.energy = torch.zeros(c, dtype=torch.float64)
         self.grad_sq = torch.zeros(c, dtype=torch.float64)
+        self.grad_coherent = torch.zeros(c, dtype=torch.float64)
         self.saliency = torch.zeros(c, dtype=torch.float64)
         self.count = 0
         self.numel_per_sample = 0
@@ -136,7 +141,7 @@ class ChannelStatsObserver(nn.Module):
         if hi.device != self.max_abs.device:
             self.max_abs, self.min = self.max_abs.to(hi.device), self.min.to(hi.device)
             self.energy, self.grad_sq = self.energy.to(hi.device), self.grad_sq.to(hi.device)
-            self.saliency = self.saliency.to(hi.device)
+            self.saliency, self.grad_coherent = self.saliency.to(hi.device), self.grad_coherent.to(hi.device)
         self.max_abs = torch.maximum(self.max_abs, torch.maximum(hi, -lo))
         self.min = torch.minimum(self.min, lo)
         self.energy += torch.linalg.vector_norm(x.float(), 2, dim=dims).double().square()
@@ -174,6 +179,9 @@ class ChannelStatsObserver(nn.Module):
             dims = self._dims(g)
             g = g.detach().float()
             self.grad_sq += torch.linalg.vector_norm(g, 2, dim=dims).double().square().to(self.grad_sq.device)
+            self.grad_coherent += (
+                _per_sample_channel_sums(g, self.channel_dim).double().square().sum(0).to(self.grad_coherent.device)
+            )
             self.saliency += (x.float().abs() * g.abs()).sum(dim=dims).double().to(self.saliency.device)
             self.grad_seen = True
 
@@ -196,6 +204,7 @@ class ChannelStatsObserver(nn.Module):
         self.min = reducer(self.min, "min")
         self.energy = reducer(self.energy, "sum")
         self.grad_sq = reducer(self.grad_sq, "sum")
+        self.grad_coherent = reducer(self.grad_coherent, "sum")
         self.saliency = reducer(self.saliency, "sum")
         flags = torch.tensor(
             [float(self.count), float(self.grad_seen)], dtype=torch.float64, device=self.max_abs.device
@@ -220,8 +229,21 @@ class ChannelStatsObserver(nn.Module):
             energy=self.energy.clone(),
             count=self.count,
             grad_sq=self.grad_sq.clone(),
+            grad_coherent=self.grad_coherent.clone(),
             saliency=self.saliency.clone(),
             samples=self.samples(),
             numel_per_sample=self.numel_per_sample,
             grad_seen=self.grad_seen,
         )
+
+
+def _per_sample_channel_sums(g: Tensor, channel_dim: int) -> Tensor:
+    """``(B, C)`` sums of ``g`` over every axis but the leading (sample) one and the channel axis.
+
+    A tensor whose channel axis is the leading one, or a 1-d tensor, counts as one sample: ``(1, C)``.
+    """
+    cd = channel_dim % g.ndim
+    if g.ndim == 1 or cd == 0:
+        return g.movedim(cd, -1).reshape(-1, g.shape[cd]).sum(0, keepdim=True)
+    dims = tuple(d for d in range(1, g.ndim) if d != cd)
+    return g.sum(dim=dims) if dims else g

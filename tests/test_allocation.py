@@ -213,3 +213,35 @@ def test_callback_logs_the_budget_and_each_layers_choice():
         assert logger.metrics[f"dqa/layer/{name}/extra_bits"] == choice.extra_bits
         assert logger.metrics[f"dqa/layer/{name}/important"] == choice.important
     assert metrics["dqa/bits_per_value"] <= 3.0 * 1.01  # measured on the validation data
+
+
+def _stats_with_gradients(coherent: float):
+    """One channel of skewed values (8,192 samples) whose summed squared gradient is 1 and whose squared
+    per-sample gradient sums add up to ``coherent``."""
+    from lightning_dqa.observers import ChannelStats
+
+    values = torch.empty(1, 8192).exponential_(generator=torch.Generator().manual_seed(0))
+    one = torch.ones(1, dtype=torch.float64)
+    return ChannelStats(
+        max_abs=values.amax(dim=1), min=values.amin(dim=1), energy=values.double().square().sum(1), count=8192,
+        grad_sq=one, saliency=one, samples=values, numel_per_sample=64, grad_seen=True,
+        grad_coherent=one * coherent,
+    )  # fmt: skip
+
+
+def test_constant_errors_weigh_by_the_coherent_gradient_sums():
+    from lightning_dqa.allocation import _width_table, layer_options
+
+    def noise(coherent: float) -> dict[int, float]:
+        st = _stats_with_gradients(coherent)
+        return {o.bits: o.noise for o in layer_options(st, None, False, "mse", 99.99, True)}
+
+    st = _stats_with_gradients(1.0)
+    mse, _, bias_sq = _width_table(st.samples[:, :2048], st.max_abs, False, "mse", 99.99, st.samples)
+    assert float(bias_sq[2]) > 0  # 2-bit codes of skewed values are off on average
+    incoherent, coherent = noise(1.0), noise(1000.0)
+    # gradients of one sign everywhere (sums 1000x the squares) make the same constant error cost more ...
+    assert coherent[2] == pytest.approx(float(mse[2] - bias_sq[2] + 1000.0 * bias_sq[2]), rel=1e-9)
+    assert coherent[2] > 10 * incoherent[2]
+    # ... and with sums equal to the squares (one value per sample), the estimate is the plain squared error
+    assert incoherent[2] == pytest.approx(float(mse[2]), rel=1e-9)

@@ -182,6 +182,17 @@ def test_gradient_statistics_match_autograd():
     gall, xall = flat(grads).double(), flat(xs).double()
     assert torch.allclose(st.grad_sq, gall.square().sum(dim=1), rtol=1e-5)
     assert torch.allclose(st.saliency, (xall.abs() * gall.abs()).sum(dim=1), rtol=1e-5)
+    # coherent sums: per sample and channel, the gradient summed over positions, squared, summed over samples
+    per_sample = torch.cat([g.double().sum(dim=(2, 3)) for g in grads])  # (B, C) of (B, C, H, W) gradients
+    assert torch.allclose(st.grad_coherent, per_sample.square().sum(dim=0), rtol=1e-5)
+
+
+def test_coherent_gradient_sums_of_a_linear_input_equal_the_squared_sums():
+    obs = ChannelStatsObserver(5, track_gradients=True)
+    xr = randn(6, 5).requires_grad_(True)
+    (obs(xr).sin() * randn(6, 5, seed=3)).sum().backward()
+    st = obs.compute()
+    assert torch.allclose(st.grad_coherent, st.grad_sq, rtol=1e-6)  # one position per sample and channel
 
 
 def test_no_gradient_tracking_when_disabled_or_not_required():
@@ -278,6 +289,8 @@ def test_reduce_with_two_fake_ranks_gives_merged_statistics():
     assert st.grad_seen  # seen on rank 0 only: still seen after the reduction
     grads_a = flat(xa).double()  # d(0.5 x^2)/dx = x on rank 0, nothing on rank 1
     assert torch.allclose(st.grad_sq, grads_a.square().sum(dim=1), rtol=1e-5)
+    per_sample = torch.cat([x.double().sum(dim=(2, 3)) for x in xa])
+    assert torch.allclose(st.grad_coherent, per_sample.square().sum(dim=0), rtol=1e-5)
     # no batch keys: rows are keyed by their activations, so the merged sample is one observer's on all batches
     assert torch.equal(st.samples, _observe(xa + xb).samples())
 
@@ -288,7 +301,7 @@ def test_reduce_with_identity_reducer_is_a_no_op():
     before = obs.compute()
     obs.reduce_(lambda t, op: t)
     after = obs.compute()
-    for field in ("max_abs", "min", "energy", "grad_sq", "saliency", "samples"):
+    for field in ("max_abs", "min", "energy", "grad_sq", "grad_coherent", "saliency", "samples"):
         assert torch.equal(getattr(before, field), getattr(after, field)), field
     assert (before.count, before.grad_seen) == (after.count, after.grad_seen)
 

@@ -208,3 +208,21 @@ def test_greedy_ranking_traces_a_channels_last_model() -> None:
             forward_fn=lambda m, b: m(b[0]),
             objective_fn=lambda out, b: -torch.nn.functional.cross_entropy(out, b[1], reduction="sum"),
         )
+
+
+@pytest.mark.parametrize("task", ["classifier", "segmentation"])
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_bn_stats_keeps_running_statistics_through_a_fit_with_validation(task: str, freeze: bool) -> None:
+    torch.manual_seed(0)
+    if task == "classifier":
+        model, data = ImageClassifier(arch="resnet20", lr=0.05, freeze_bn_stats=freeze), _images
+    else:
+        model, data = SegmentationModel(base_width=4, depth=2, freeze_bn_stats=freeze), _segments
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone(), m.weight.detach().clone()) for m in bns]
+    # validation inside the fit: Lightning puts the module back in train mode afterwards
+    _trainer(max_steps=4, val_check_interval=1).fit(model, train_dataloaders=data(), val_dataloaders=data())
+    pairs = list(zip(bns, before, strict=True))
+    stats_kept = all(torch.equal(m.running_mean, mu) and torch.equal(m.running_var, var) for m, (mu, var, _) in pairs)
+    assert stats_kept == freeze
+    assert any(not torch.equal(m.weight, w) for m, (_, _, w) in pairs)  # the affine weights still learn

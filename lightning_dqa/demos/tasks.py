@@ -79,6 +79,19 @@ class _Task(LightningModule):
         if self.hparams["channels_last"]:
             self.net.to(memory_format=torch.channels_last)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """With ``freeze_bn_stats``, put BatchNorm layers in eval mode before each training step.
+
+        Fine-tuning a trained network with quantized activations would move BatchNorm's running statistics towards
+        noisy small-batch estimates of a shifted input; frozen, they stay what calibration saw (the usual practice
+        in quantization-aware training). Lightning switches the module back to train mode after each validation,
+        so this runs per step.
+        """
+        if self.hparams.get("freeze_bn_stats", False):
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits of images ``(N, C, H, W)``: ``(N, num_classes)``, or ``(N, num_classes, H, W)`` per pixel."""
         return self.net(_to_channels_last(x) if self.hparams["channels_last"] else x)
@@ -126,6 +139,8 @@ class ImageClassifier(_Task):
         arch_kwargs: extra constructor arguments of the architecture (e.g. ``{"width_mult": 0.5}``).
         channels_last: keep the network's weights and its input in ``torch.channels_last`` memory format
             (same results; on CPUs it trains MobileNetV2 about 2.5x faster, see :func:`_to_channels_last`).
+        freeze_bn_stats: keep BatchNorm layers in eval mode while training (running statistics frozen; their
+            affine weights still learn), for fine-tuning a trained network (see :meth:`on_train_batch_start`).
 
     Raises:
         ValueError: for an unknown ``arch`` or ``schedule``, an out-of-range value, or weights that do not fit.
@@ -146,6 +161,7 @@ class ImageClassifier(_Task):
         label_smoothing: float = 0.0,
         arch_kwargs: dict[str, Any] | None = None,
         channels_last: bool = False,
+        freeze_bn_stats: bool = False,
     ) -> None:
         super().__init__()
         _check_schedule_and_lr(schedule, lr)
@@ -204,6 +220,7 @@ class SegmentationModel(_Task):
         arch_kwargs: extra constructor arguments (e.g. ``{"up_mode": "bilinear"}``).
         channels_last: keep weights and input in ``torch.channels_last`` memory format (same results, faster
             convolutions on CPUs).
+        freeze_bn_stats: keep BatchNorm layers in eval mode while training (see :meth:`_Task.on_train_batch_start`).
 
     Raises:
         ValueError: for an unknown ``arch`` or ``schedule``, or ``class_weights`` of the wrong length.
@@ -225,6 +242,7 @@ class SegmentationModel(_Task):
         class_weights: list[float] | None = None,
         arch_kwargs: dict[str, Any] | None = None,
         channels_last: bool = False,
+        freeze_bn_stats: bool = False,
     ) -> None:
         super().__init__()
         _check_schedule_and_lr(schedule, lr)
