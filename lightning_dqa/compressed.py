@@ -50,7 +50,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, fx, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_dqa import functional as F
 from lightning_dqa.attach import output_hook, quantizers_of
@@ -248,7 +248,7 @@ def run_compressed(
         if node.op == "call_module" and gm.get_submodule(str(node.target)) is layers[id(q)]
         and output_hook not in layers[id(q)]._forward_hooks.values()
     }  # fmt: skip
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    args = tree_map(_own_storage, inputs if isinstance(inputs, tuple) else (inputs,))
     codec = _Codec(quantizers, coder)
     try:
         output, steps = _Runner(gm, readers, quantizers, codec).run(args)
@@ -264,6 +264,13 @@ def run_compressed(
         fp32=peak_memory(steps),
     )
     return output, report
+
+
+def _own_storage(t: Any) -> Any:
+    """``t``, copied when it views a larger storage (``batch[:1]``): the liveness counts an input's storage."""
+    if isinstance(t, Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.clone()
+    return t
 
 
 def _active_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:

@@ -201,3 +201,12 @@ def test_recorded_residual_graph_by_hand() -> None:
     b = second.nbytes
     assert report.stored.per_step == [64, 128, 128 + b, 64 + b + 64, 128, 64]
     assert report.int8.per_step == [64, 128, 128 + 16, 64 + 16 + 64, 128, 64]
+
+
+def test_a_sliced_input_counts_its_own_bytes_not_its_batch_storage() -> None:
+    # batch[:1] views the whole batch's storage: the pass must count one image, as for a copy of it
+    model, x = calibrated(build_model("resnet20"), (8, 3, 32, 32))
+    _, view = run_compressed(model, x[:1])
+    _, copy = run_compressed(model, x[:1].clone())
+    assert view.per_image() == copy.per_image()
+    assert view.fp32.live == copy.fp32.live
