@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -119,6 +120,9 @@ class Allocation:
     hulls: dict[str, list[LayerOption]] = field(repr=False, default_factory=dict)
     achieved_bits: float = float("nan")
     limit_bits: float = float("nan")
+    target_peak_bytes: float | None = None
+    peak_bytes: float = float("nan")
+    scores: dict[str, Tensor] | None = field(repr=False, default=None)
 
     @property
     def estimated_bits(self) -> float:
@@ -129,19 +133,25 @@ class Allocation:
     def metrics(self) -> dict[str, float]:
         """What the callback logs: the budget, the bits achieved on the calibration sample, each layer's choice."""
         out = {"dqa/target_bits": self.target_bits, "dqa/calibration_bits_per_value": self.achieved_bits}
+        if self.target_peak_bytes is not None:
+            out["dqa/target_peak_bytes"] = self.target_peak_bytes
+            out["dqa/calibration_peak_bytes"] = self.peak_bytes
         for layer, choice in self.choices.items():
             out[f"dqa/layer/{layer}/bits"] = float(choice.bits)
             out[f"dqa/layer/{layer}/extra_bits"] = float(choice.extra_bits)
             out[f"dqa/layer/{layer}/important"] = float(choice.important)
         return out
 
-    def step_down(self) -> str | None:
+    def step_down(self, among: Collection[str] | None = None) -> str | None:
         """Move the layer whose next cheaper hull option adds the least noise per bit saved; its name, or ``None``.
 
-        Used when the bits measured after calibration exceed the budget the estimates kept to.
+        Used when the bits measured after calibration exceed the budget the estimates kept to, and, with
+        ``among`` (the layers whose codes are live at the peak), while the peak exceeds ``target_peak_bytes``.
         """
         best, best_cost = None, math.inf
         for name, choice in self.choices.items():
+            if among is not None and name not in among:
+                continue
             hull = self.hulls[name]
             i = hull.index(choice)
             if i == 0:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.callback_data import (
@@ -57,7 +57,10 @@ class DQACallback(Callback):
         bits, extra_bits, ratio, method, ranking, scale_mode, code, clipping, percentile, where, layer_types,
         include, exclude, first_layer_bits, last_layer_bits, seed, target_bits (a memory budget in bits per
         value: per-layer widths chosen at calibration; logged as ``dqa/target_bits``,
-        ``dqa/calibration_bits_per_value`` and ``dqa/layer/<name>/{bits,extra_bits,important}``).
+        ``dqa/calibration_bits_per_value`` and ``dqa/layer/<name>/{bits,extra_bits,important}``),
+        target_peak_bytes (with ``target_bits``, a limit on the peak activation bytes per sample, measured by
+        running the first calibration sample compressed; logged as ``dqa/target_peak_bytes`` and
+        ``dqa/calibration_peak_bytes``).
 
     Lifecycle settings:
         calibration_samples: samples (not batches) read for calibration, split over ranks.
@@ -107,6 +110,7 @@ class DQACallback(Callback):
         last_layer_bits: int | None = None,
         seed: int = 0,
         target_bits: float | None = None,
+        target_peak_bytes: float | None = None,
         calibration_samples: int = 1000,
         calibration_source: Literal["train", "val"] = "train",
         delay_steps: int = 0,
@@ -334,19 +338,35 @@ class DQACallback(Callback):
                 bars.append(CalibrationProgress(trainer, total, "DQA channel ranking", unit="channel"))
             bars[-1].set_total(done, total)
 
+        first: list[Any] = []  # the first calibration input: target_peak_bytes runs its first sample compressed
+
+        def remember(batch: Any) -> None:
+            if not first:
+                x = self.split_batch(batch)[0]
+                first.append(x[:1].detach() if isinstance(x, Tensor) else x)
+
+        def forward_fn(model: nn.Module, batch: Any) -> Any:
+            remember(batch)
+            return primary_output(model(self.split_batch(batch)[0]))
+
+        def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+            remember(batch)
+            return self.calibration_loss(pl_module, batch)
+
         try:
             self.report = calibrate(
                 pl_module,
                 self.config,
                 rank_shard(loader, strategy, world, rank),
-                forward_fn=lambda model, batch: primary_output(model(self.split_batch(batch)[0])),
-                loss_fn=lambda model, batch: self.calibration_loss(pl_module, batch),
+                forward_fn=forward_fn,
+                loss_fn=loss_fn,
                 objective_fn=self.calibration_objective,
                 num_samples=per_rank,
                 reducer=strategy_reducer(strategy, world),
                 broadcast=strategy_broadcast(strategy, world),
                 progress=bars[0].update,
                 rank_progress=rank_progress,
+                example_input=lambda: first[0] if first else None,
             )
         finally:
             for bar in bars:

@@ -75,6 +75,12 @@ class DQAConfig:
             logged ``bits_per_value`` counts (:mod:`lightning_dqa.allocation`); ``bits``, ``ratio`` and
             ``extra_bits`` are then ignored except by ``first_layer_bits`` / ``last_layer_bits`` layers.
             Needs method ``dqa`` or ``direct`` and a loss for the Fisher statistics.
+        target_peak_bytes: with ``target_bits``, also a limit on the whole network's peak activation memory per
+            sample, in bytes, as :func:`lightning_dqa.compressed.run_compressed` measures it (every live tensor
+            in execution order, full-precision shortcuts and skips included). After the ``target_bits``
+            allocation, calibration runs one sample compressed and, while its peak is above the limit, steps
+            down the layer whose codes are live at the peak and lose least per bit saved. A limit below what
+            the full-precision tensors at the peak need alone is refused with the figure.
 
     """
 
@@ -95,6 +101,7 @@ class DQAConfig:
     last_layer_bits: int | None = None
     seed: int = 0
     target_bits: float | None = None
+    target_peak_bytes: float | None = None
 
     def __post_init__(self) -> None:
         self._check_widths()
@@ -116,6 +123,11 @@ class DQAConfig:
     def _check_budget(self) -> None:
         t = self.target_bits
         if t is None:
+            if self.target_peak_bytes is not None:
+                raise ValueError(
+                    f"Expected target_bits with target_peak_bytes (the peak limit refines a bits budget's "
+                    f"allocation), got target_bits=None and target_peak_bytes={self.target_peak_bytes!r}"
+                )
             return
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or not 0 < t <= 32:
             raise ValueError(f"Expected target_bits to be a finite number in (0, 32] bits per value or None, got {t!r}")
@@ -125,6 +137,12 @@ class DQAConfig:
                 f"got method={self.method!r}"
             )
         object.__setattr__(self, "target_bits", float(t))
+        p = self.target_peak_bytes
+        if p is None:
+            return
+        if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p) or not p > 0:
+            raise ValueError(f"Expected target_peak_bytes to be a finite number of bytes > 0 or None, got {p!r}")
+        object.__setattr__(self, "target_peak_bytes", float(p))
 
     def _check_widths(self) -> None:
         _int_in("bits", self.bits, MIN_BITS, MAX_BITS)

@@ -23,6 +23,7 @@ The Lightning callback passes its strategy's reduce/broadcast so that every rank
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -155,6 +156,7 @@ def calibrate(
     broadcast: Callable[[Tensor], Tensor] | None = None,
     progress: Progress | None = None,
     rank_progress: Callable[[int, int], None] | None = None,
+    example_input: Tensor | Callable[[], Tensor | None] | None = None,
 ) -> CalibrationReport:
     """Collect statistics, rank channels, freeze scales and selection, and switch the quantizers on.
 
@@ -176,6 +178,9 @@ def calibrate(
         broadcast: copies rank 0's final quantizer state to every rank.
         progress: called after each batch with its number of samples.
         rank_progress: ``rank_progress(done, total)`` during a search-based ranking (greedy), in candidates.
+        example_input: the model's input for a batch (a tensor whose first axis is the batch), or a function
+            returning it once the statistics pass ran; needed by ``target_peak_bytes``, whose limit is checked by
+            running its first sample compressed (:func:`fit_peak`).
 
     Returns:
         A :class:`CalibrationReport`.
@@ -185,7 +190,7 @@ def calibrate(
             a ranking lacks what it needs.
 
     """
-    quantizers = _check_call(model, config, num_samples, loss_fn, objective_fn)
+    quantizers = _check_call(model, config, num_samples, loss_fn, objective_fn, example_input)
     method, ranking = get_method(config.method), RANKINGS[config.ranking]
     was_training = model.training
     try:
@@ -212,6 +217,9 @@ def calibrate(
             if method.step is not None:
                 method.step(MethodContext(model, config, quantizers, collected.inputs))
             _finish(quantizers, stats, broadcast)
+            if config.target_peak_bytes is not None:
+                assert allocation is not None  # target_peak_bytes needs target_bits (DQAConfig checks)
+                fit_peak(model, quantizers, stats, config, allocation, _example(example_input), broadcast)
             set_quantizers_enabled(model, True)
             layers = [_layer_report(name, quantizers[name], stats[name]) for name in order]
             rank_seconds = time.perf_counter() - t1
@@ -222,12 +230,24 @@ def calibrate(
         model.train(was_training)
 
 
+def _example(example_input: Tensor | Callable[[], Tensor | None] | None) -> Tensor:
+    """The example input of ``calibrate``, called if it is a function; a tensor with a batch axis, or an error."""
+    x = example_input() if callable(example_input) else example_input
+    if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"Expected example_input to be a tensor of at least one sample for target_peak_bytes (the model's "
+            f"input, run compressed), got {type(x).__name__}"
+        )
+    return x
+
+
 def _check_call(
     model: nn.Module,
     config: DQAConfig,
     num_samples: int | None,
     loss_fn: LossFn | None,
     objective_fn: ObjectiveFn | None,
+    example_input: object = None,
 ) -> Quantizers:
     """The installed quantizers, after checking that the call gives what the configuration needs."""
     quantizers = quantizers_of(model)
@@ -242,6 +262,11 @@ def _check_call(
         raise ValueError(f"{what} needs gradients (Fisher statistics): pass loss_fn")
     if config.selects_channels and RANKINGS[config.ranking].needs_batches and objective_fn is None:
         raise ValueError(f"Ranking {config.ranking!r} needs objective_fn(output, batch) to score candidates")
+    if config.target_peak_bytes is not None and example_input is None:
+        raise ValueError(
+            f"target_peak_bytes={config.target_peak_bytes:g} needs example_input (the model's input for a batch), "
+            "whose first sample is run compressed to measure the peak"
+        )
     return quantizers
 
 
@@ -320,23 +345,110 @@ def allocate_widths(
     """
     scores = RANKINGS[config.ranking].rank(inputs) if config.selects_channels else None
     allocation = plan(quantizers, stats, config, scores)
-    static = config.scale_mode != "dynamic"
+    allocation.scores, allocation.target_peak_bytes = scores, config.target_peak_bytes
     changed: list[str] = list(allocation.choices)
     while changed:
         for name in changed:
-            q, choice = quantizers[name], allocation.choices[name]
-            q.set_widths(choice.bits, choice.extra_bits)
-            mask = torch.zeros(q.num_channels, dtype=torch.bool)
-            if scores is not None and choice.important:
-                mask = important_mask(scores[name], choice.important / q.num_channels)
-            q.important.copy_(mask.to(q.important.device))
-            freeze_scales({name: q}, stats, config, important_bits=True)
-            _count_errors(q, stats[name])
-        total = sum(stored_bits_per_sample(q, stats[n], static) for n, q in quantizers.items())
-        allocation.achieved_bits = total / allocation.values_per_sample
+            _apply_choice(name, quantizers[name], allocation, stats, config)
+        _count_bits(quantizers, stats, config, allocation)
         stepped = allocation.step_down() if allocation.achieved_bits > allocation.limit_bits else None
         changed = [stepped] if stepped is not None else []
     return allocation
+
+
+def _apply_choice(
+    name: str, q: ActivationQuantizer, allocation: Allocation, stats: dict[str, ChannelStats], config: DQAConfig
+) -> None:
+    """Give layer ``name`` its chosen widths and important channels, then its scales and error histogram."""
+    choice = allocation.choices[name]
+    q.set_widths(choice.bits, choice.extra_bits)
+    mask = torch.zeros(q.num_channels, dtype=torch.bool)
+    if allocation.scores is not None and choice.important:
+        mask = important_mask(allocation.scores[name], choice.important / q.num_channels)
+    q.important.copy_(mask.to(q.important.device))
+    freeze_scales({name: q}, stats, config, important_bits=True)
+    _count_errors(q, stats[name])
+
+
+def _count_bits(
+    quantizers: Quantizers, stats: dict[str, ChannelStats], config: DQAConfig, allocation: Allocation
+) -> None:
+    """``allocation.achieved_bits``: bits per value of every quantized layer on the calibration sample."""
+    static = config.scale_mode != "dynamic"
+    total = sum(stored_bits_per_sample(q, stats[n], static) for n, q in quantizers.items())
+    allocation.achieved_bits = total / allocation.values_per_sample
+
+
+def fit_peak(
+    model: nn.Module,
+    quantizers: Quantizers,
+    stats: dict[str, ChannelStats],
+    config: DQAConfig,
+    allocation: Allocation,
+    example_input: Tensor,
+    broadcast: Callable[[Tensor], Tensor] | None = None,
+) -> None:
+    """Stage 7 under ``target_peak_bytes``: step layers down until one sample's measured peak fits.
+
+    Runs the first sample of ``example_input`` through :func:`lightning_dqa.compressed.run_compressed` (real
+    blobs, liveness in execution order); while the peak per sample exceeds the limit, the layer whose codes are
+    live at the peak step and whose next cheaper option adds the least estimated noise per bit saved steps down.
+    Under DDP each rank measures its own sample; rank 0's choices are then broadcast and applied everywhere.
+
+    Raises:
+        ValueError: when no layer live at the peak can step down further (the message gives the peak reached,
+            its step and what is live there). The quantizers are then left uncalibrated and disabled.
+
+    """
+    from lightning_dqa.compressed import run_compressed
+
+    limit = config.target_peak_bytes
+    assert limit is not None
+    sample = example_input[:1]
+    set_quantizers_enabled(model, True)
+    try:
+        while True:
+            _, report = run_compressed(model, sample)
+            allocation.peak_bytes = report.stored.nbytes / report.batch
+            if allocation.peak_bytes <= limit:
+                break
+            stepped = allocation.step_down(among=set(report.stored.live_layers))
+            if stepped is None:
+                live = ", ".join(f"{what} {size} B" for what, size in report.stored.live[:4])
+                raise ValueError(
+                    f"Expected target_peak_bytes >= {math.ceil(allocation.peak_bytes)} bytes per sample: with every "
+                    f"layer whose codes are live at the peak at its cheapest option, the peak is that, at step "
+                    f"{report.stored.step!r} (largest live: {live}), got {limit:g}"
+                )
+            _apply_choice(stepped, quantizers[stepped], allocation, stats, config)
+            quantizers[stepped].calibrated.fill_(True)
+        if broadcast is not None:
+            _share_choices(quantizers, stats, config, allocation, broadcast)
+        _count_bits(quantizers, stats, config, allocation)
+    except BaseException:
+        for q in quantizers.values():
+            q.calibrated.fill_(False)
+        set_quantizers_enabled(model, False)
+        raise
+
+
+def _share_choices(
+    quantizers: Quantizers,
+    stats: dict[str, ChannelStats],
+    config: DQAConfig,
+    allocation: Allocation,
+    broadcast: Callable[[Tensor], Tensor],
+) -> None:
+    """Rank 0's hull position of every allocated layer on every rank, applied where a rank's differs."""
+    names = list(allocation.choices)
+    mine = torch.tensor([allocation.hulls[n].index(allocation.choices[n]) for n in names], dtype=torch.int64)
+    device = next(iter(quantizers.values())).bits.device
+    theirs = broadcast(mine.to(device)).cpu()
+    for name, i, j in zip(names, mine.tolist(), theirs.tolist(), strict=True):
+        if i != j:
+            allocation.choices[name] = allocation.hulls[name][j]
+            _apply_choice(name, quantizers[name], allocation, stats, config)
+            quantizers[name].calibrated.fill_(True)
 
 
 def _finish(

@@ -94,6 +94,7 @@ class Peak:
         step: the first step where it is reached.
         live: what is live there, ``(description, bytes)``, largest first.
         per_step: the live bytes of every step, in execution order.
+        live_layers: the quantized layers whose codes are live there (:attr:`QRead.layer`), in read order.
 
     """
 
@@ -101,6 +102,7 @@ class Peak:
     step: str
     live: list[tuple[str, int]] = field(default_factory=list)
     per_step: list[int] = field(default_factory=list)
+    live_layers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +135,7 @@ def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | Non
     buffer_of, buffers = _plan_buffers(steps, last)
     with_fp = codes_bytes is None
     spans: list[tuple[str, int, int, int]] = []  # (what, bytes, first step, last step)
+    coded_layers: list[tuple[str, int, int]] = []  # (layer, first step, last step) of codes
     fp_end = {id(b): _end(b, steps, index, last, with_fp) for b in buffers}
     coded = {r.value for s in steps for r in s.qreads} if codes_bytes is not None else set()
     for b in buffers:
@@ -144,10 +147,12 @@ def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | Non
             for r in step.qreads:
                 if fp_end[id(buffer_of[r.value])] < i:  # else the layer quantizes the live copy on the fly
                     spans.append((f"{r.value} -> {r.layer or step.name} (codes)", codes_bytes(r), index[r.value], i))
+                    coded_layers.append((r.layer, index[r.value], i))
     per_step = [sum(size for _, size, lo, hi in spans if lo <= i <= hi) for i in range(len(steps))]
     at = max(range(len(steps)), key=lambda i: (per_step[i], -i)) if steps else 0
     live = sorted(((what, size) for what, size, lo, hi in spans if lo <= at <= hi), key=lambda t: -t[1])
-    return Peak(per_step[at] if steps else 0, steps[at].name if steps else "", live, per_step)
+    layers = [layer for layer, lo, hi in coded_layers if layer and lo <= at <= hi]
+    return Peak(per_step[at] if steps else 0, steps[at].name if steps else "", live, per_step, layers)
 
 
 def _check(steps: Sequence[Step]) -> dict[str, int]:

@@ -245,3 +245,98 @@ def test_constant_errors_weigh_by_the_coherent_gradient_sums():
     assert coherent[2] > 10 * incoherent[2]
     # ... and with sums equal to the squares (one value per sample), the estimate is the plain squared error
     assert incoherent[2] == pytest.approx(float(mse[2]), rel=1e-9)
+
+
+def _peak_of(model: torch.nn.Module, x: torch.Tensor) -> float:
+    from lightning_dqa.compressed import run_compressed
+
+    _, report = run_compressed(model.eval(), x[:1])
+    return report.per_image()["stored"]
+
+
+def _calibrate_with_example(config: DQAConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("resnet20").eval()
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    prepare(model, config)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 32, 16)]
+    report = calibrate(
+        model, config, batches, forward_fn=lambda m, b: m(b[0]),
+        loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), example_input=x,
+    )  # fmt: skip
+    return model, x, report
+
+
+def test_peak_limit_is_met_by_the_measured_peak_and_below_the_bits_only_peak():
+    model, x, _ = _calibrate_with_example(DQAConfig(target_bits=5.0))
+    free = _peak_of(model, x)
+    limit = 0.97 * free
+    model, x, report = _calibrate_with_example(DQAConfig(target_bits=5.0, target_peak_bytes=limit))
+    measured = _peak_of(model, x)
+    assert measured <= limit < free
+    assert report.allocation.peak_bytes == measured
+    assert report.allocation.achieved_bits <= report.allocation.limit_bits
+    metrics = report.allocation.metrics()
+    assert metrics["dqa/target_peak_bytes"] == limit and metrics["dqa/calibration_peak_bytes"] == measured
+
+
+def test_peak_limit_below_the_full_precision_floor_names_it_and_leaves_nothing_calibrated():
+    with pytest.raises(ValueError, match=r"Expected target_peak_bytes >= \d+ bytes per sample.*got 1000") as err:
+        _calibrate_with_example(DQAConfig(target_bits=5.0, target_peak_bytes=1000))
+    assert "full precision" in str(err.value)  # what holds the peak is named
+    model = build_model("resnet20")
+    config = DQAConfig(target_bits=5.0, target_peak_bytes=1000)
+    prepare(model, config)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with pytest.raises(ValueError, match="target_peak_bytes"):
+        calibrate(
+            model, config, [(x, y)], forward_fn=lambda m, b: m(b[0]),
+            loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), example_input=x,
+        )  # fmt: skip
+    assert all(not bool(q.calibrated) and not q.enabled for q in quantizers_of(model).values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_peak_bytes": 1e5}, "Expected target_bits with target_peak_bytes"),
+        ({"target_bits": 4.0, "target_peak_bytes": 0}, "target_peak_bytes to be a finite number of bytes > 0"),
+        ({"target_bits": 4.0, "target_peak_bytes": -5.0}, "target_peak_bytes to be a finite number of bytes > 0"),
+        ({"target_bits": 4.0, "target_peak_bytes": float("nan")}, "finite number of bytes > 0 or None, got nan"),
+        ({"target_bits": 4.0, "target_peak_bytes": True}, "finite number of bytes > 0 or None, got True"),
+        ({"target_bits": 4.0, "target_peak_bytes": "1 MB"}, "finite number of bytes > 0 or None, got '1 MB'"),
+    ],
+)
+def test_invalid_peak_limits(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DQAConfig(**kwargs)
+
+
+def test_peak_limit_needs_an_example_input():
+    net, x, y = tiny()
+    config = DQAConfig(target_bits=5.0, target_peak_bytes=1e6, first_layer_bits=None)
+    prepare(net, config)
+    with pytest.raises(ValueError, match="target_peak_bytes=1e\\+06 needs example_input"):
+        calibrate(
+            net, config, [(x, y)], forward_fn=lambda m, b: m(b[0]), loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        )
+    assert all(not bool(q.calibrated) for q in quantizers_of(net).values())
+
+
+@pytest.mark.parametrize("limit", [4350.0, 4000.0])
+def test_callback_peak_limit_from_the_first_calibration_sample(limit):
+    # TinyNet: a 4,435 B bits-only peak, 4,096 B of it a full-precision conv output; its floor is 4,307 B
+    logger = _Capture()
+    cb = DQACallback(
+        target_bits=5.0, target_peak_bytes=limit, first_layer_bits=None, calibration_samples=64, verbose=False
+    )
+    model, data = TinyNet(), TinyData(n=64)
+    if limit < 4096:
+        with pytest.raises(ValueError, match="Expected target_peak_bytes >= 4"):
+            quiet_trainer(callbacks=[cb], logger=logger).validate(model, datamodule=data, verbose=False)
+        return
+    quiet_trainer(callbacks=[cb], logger=logger).validate(model, datamodule=data, verbose=False)
+    assert logger.metrics["dqa/target_peak_bytes"] == limit
+    assert logger.metrics["dqa/calibration_peak_bytes"] <= limit
+    data.setup("validate")
+    assert _peak_of(model, next(iter(data.val_dataloader()))[0]) <= limit
