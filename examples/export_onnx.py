@@ -7,6 +7,7 @@ fake-quantized model and both accuracies. Needs ``pip install 'lightning-dqa[onn
 
     python examples/export_onnx.py                       # direct and DQA at 3 and 4 bits, 2,000 test images
     python examples/export_onnx.py --methods dqa --bits 3 --out-dir /tmp/onnx
+    python examples/export_onnx.py --noise-floor         # and how far float32 arithmetic alone moves top-1
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--out-dir", default="onnx_models", help="where the .onnx files go")
+    p.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="also print how far float32 arithmetic alone moves top-1: PyTorch float32 against the same model in "
+        "float64 and against PyTorch with oneDNN off, and onnxruntime at each graph optimization level",
+    )
     return p.parse_args(argv)
 
 
@@ -78,7 +85,30 @@ def run_config(args: argparse.Namespace, config: DQAConfig, data: tuple[Tensor, 
         "megabytes": path.stat().st_size / 1e6,
         "seconds": time.perf_counter() - start,
         "path": str(path),
+        "noise_floor": noise_floor(model, path, images, args.batch_size) if args.noise_floor else None,
     }
+
+
+def noise_floor(model: nn.Module, path: Path, images: Tensor, batch_size: int) -> dict[str, float]:
+    """Top-1 agreement (%) of the PyTorch float32 predictions with other evaluations of the same quantized model."""
+    import onnxruntime as ort
+
+    def agree(a: Tensor, b: Tensor) -> float:
+        return 100 * float((a == b).float().mean())
+
+    ref = predictions(model, images, batch_size)
+    with torch.backends.mkldnn.flags(enabled=False):
+        other_kernel = predictions(model, images, batch_size)
+    wide = predictions(lambda x: model.double()(x.double()), images, batch_size)
+    model.float()
+    out = {"torch, oneDNN off": agree(ref, other_kernel), "torch float64": agree(ref, wide)}
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        out[level] = agree(ref, predictions(lambda x, s=sess: s.run(None, {"input": x.numpy()})[0], images, batch_size))
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -101,6 +131,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{r['config']:<14}{r['agreement']:>13.2f}{r['acc_torch']:>15.2f}{r['acc_ort']:>11.2f}"
                 f"{r['opset']:>7}{r['megabytes']:>6.2f}{r['seconds']:>7.1f}"
             )
+            if r["noise_floor"] is not None:
+                print(
+                    "    agreement with float32 PyTorch, %: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in r["noise_floor"].items())
+                )
     return records
 
 
