@@ -30,6 +30,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test
 RANKINGS = ("fisher", "saliency", "energy", "max", "random", "greedy")
 CLIPPINGS = ("percentile", "mse")
 BUDGET = 4.5  # target_bits of the allocation run (per-layer widths from the reduced statistics)
+PEAK = 4330.0  # target_peak_bytes with BUDGET: binding (the bits-only peak of TinyNet here is 4,395 B per sample)
 
 
 class TorchDistributed:
@@ -59,11 +60,19 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def calibrated_state(
-    ranking: str, rank: int = 0, world: int = 1, clipping: str = "none", target_bits: float | None = None
+    ranking: str,
+    rank: int = 0,
+    world: int = 1,
+    clipping: str = "none",
+    target_bits: float | None = None,
+    target_peak_bytes: float | None = None,
 ) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = TinyNet().net.eval()
-    config = DQAConfig(bits=3, ranking=ranking, clipping=clipping, first_layer_bits=None, target_bits=target_bits)
+    config = DQAConfig(
+        bits=3, ranking=ranking, clipping=clipping, first_layer_bits=None, target_bits=target_bits,
+        target_peak_bytes=target_peak_bytes,
+    )  # fmt: skip
     prepare(model, config)
     shard = [b for i, b in enumerate(batches()) if i % world == rank]
     strategy = TorchDistributed()
@@ -76,6 +85,7 @@ def calibrated_state(
         objective_fn=lambda out, b: (out.argmax(dim=1) == b[1]).sum(),
         reducer=strategy_reducer(strategy, world) if world > 1 else None,
         broadcast=strategy_broadcast(strategy, world),
+        example_input=shard[0][0],  # each rank its own: rank 0's choices must win
     )
     return {
         f"{name}.{buf}": value.detach().clone()
@@ -111,6 +121,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         states = {ranking: calibrated_state(ranking, rank, world) for ranking in RANKINGS}
         states.update({f"clip-{c}": calibrated_state("fisher", rank, world, clipping=c) for c in CLIPPINGS})
         states["budget"] = calibrated_state("fisher", rank, world, clipping="mse", target_bits=BUDGET)
+        states["peak"] = calibrated_state(
+            "fisher", rank, world, clipping="mse", target_bits=BUDGET, target_peak_bytes=PEAK
+        )
         states["greedy_scores"] = greedy_scores(rank, world)
         torch.save(states, f"{out}/rank{rank}.pt")
     finally:
@@ -127,11 +140,11 @@ def test_every_ranking_and_clipping_on_uneven_shards_equals_one_process(tmp_path
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    runs = [(ranking, ranking, "none", None) for ranking in RANKINGS]
-    runs += [(f"clip-{c}", "fisher", c, None) for c in CLIPPINGS]
-    runs += [("budget", "fisher", "mse", BUDGET)]
-    for name, ranking, clipping, budget in runs:
-        single = calibrated_state(ranking, clipping=clipping, target_bits=budget)
+    runs = [(ranking, ranking, "none", None, None) for ranking in RANKINGS]
+    runs += [(f"clip-{c}", "fisher", c, None, None) for c in CLIPPINGS]
+    runs += [("budget", "fisher", "mse", BUDGET, None), ("peak", "fisher", "mse", BUDGET, PEAK)]
+    for name, ranking, clipping, budget, peak in runs:
+        single = calibrated_state(ranking, clipping=clipping, target_bits=budget, target_peak_bytes=peak)
         for key, value in single.items():
             assert torch.equal(r0[name][key], r1[name][key]), f"{name}: ranks disagree at {key}"
             assert torch.equal(r0[name][key], value), f"{name}: {key} differs from one process"
@@ -141,6 +154,8 @@ def test_every_ranking_and_clipping_on_uneven_shards_equals_one_process(tmp_path
     budget_state = calibrated_state("fisher", clipping="mse", target_bits=BUDGET)
     widths = {int(v) for k, v in budget_state.items() if k.endswith(".bits")}
     assert len(widths) > 1, f"the budget run chose one width everywhere ({widths}): it tests nothing per layer"
+    peak_state = calibrated_state("fisher", clipping="mse", target_bits=BUDGET, target_peak_bytes=PEAK)
+    assert any(not torch.equal(peak_state[k], v) for k, v in budget_state.items()), "the peak limit did not bind"
     # the clipping rules did clip: some scale below the unclipped one
     unclipped = calibrated_state("fisher")
     for c in CLIPPINGS:
