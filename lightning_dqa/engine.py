@@ -111,9 +111,13 @@ class CalibrationReport:
     def _widths(self, config: DQAConfig) -> str:
         if self.allocation is None:
             return f"n={config.bits}, m={config.extra_bits}, r={config.effective_ratio}"
+        a = self.allocation
+        peak = ""
+        if a.target_peak_bytes is not None:
+            peak = f", peak {a.peak_bytes:.0f} B per sample (target_peak_bytes={a.target_peak_bytes:g})"
         return (
-            f"per-layer widths for target_bits={self.allocation.target_bits:g}: "
-            f"{self.allocation.achieved_bits:.3f} bits per value on the calibration sample"
+            f"per-layer widths for target_bits={a.target_bits:g}: "
+            f"{a.achieved_bits:.3f} bits per value on the calibration sample{peak}"
         )
 
     def table(self) -> str:
