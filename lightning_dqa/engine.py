@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dqa.allocation import Allocation, plan, stored_bits_per_sample
+from lightning_dqa.allocation import HEADROOM, Allocation, plan, stored_bits_per_sample
 from lightning_dqa.attach import attach_quantizers, quantizers_of
 from lightning_dqa.batches import default_batch_size
 from lightning_dqa.clipping import clip_max
@@ -395,7 +395,9 @@ def fit_peak(
     """Stage 7 under ``target_peak_bytes``: step layers down until one sample's measured peak fits.
 
     Runs the first sample of ``example_input`` through :func:`lightning_dqa.compressed.run_compressed` (real
-    blobs, liveness in execution order); while the peak per sample exceeds the limit, the layer whose codes are
+    blobs, liveness in execution order); while the peak per sample exceeds the limit less
+    :data:`~lightning_dqa.allocation.HEADROOM` of it (other samples' blobs code a little longer), the layer whose
+    codes are
     live at the peak step and whose next cheaper option adds the least estimated noise per bit saved steps down.
     Under DDP each rank measures its own sample; rank 0's choices are then broadcast and applied everywhere.
 
@@ -406,8 +408,8 @@ def fit_peak(
     """
     from lightning_dqa.compressed import run_compressed
 
-    limit = config.target_peak_bytes
-    assert limit is not None
+    assert config.target_peak_bytes is not None
+    limit = config.target_peak_bytes * (1 - HEADROOM)  # other samples' blobs code a little longer, as for bits
     sample = example_input[:1]
     set_quantizers_enabled(model, True)
     try:
@@ -419,10 +421,12 @@ def fit_peak(
             stepped = allocation.step_down(among=set(report.stored.live_layers))
             if stepped is None:
                 live = ", ".join(f"{what} {size} B" for what, size in report.stored.live[:4])
+                floor = math.ceil(allocation.peak_bytes / (1 - HEADROOM))
                 raise ValueError(
-                    f"Expected target_peak_bytes >= {math.ceil(allocation.peak_bytes)} bytes per sample: with every "
-                    f"layer whose codes are live at the peak at its cheapest option, the peak is that, at step "
-                    f"{report.stored.step!r} (largest live: {live}), got {limit:g}"
+                    f"Expected target_peak_bytes >= {floor} bytes per sample: with every layer whose codes are live "
+                    f"at the peak at its cheapest option, the peak is {allocation.peak_bytes:.0f}, at step "
+                    f"{report.stored.step!r} (largest live: {live}), and {HEADROOM:.1%} is kept free; got "
+                    f"{config.target_peak_bytes:g}"
                 )
             _apply_choice(stepped, quantizers[stepped], allocation, stats, config)
             quantizers[stepped].calibrated.fill_(True)
