@@ -395,11 +395,11 @@ def fit_peak(
     """Stage 7 under ``target_peak_bytes``: step layers down until one sample's measured peak fits.
 
     Runs the first sample of ``example_input`` through :func:`lightning_dqa.compressed.run_compressed` (real
-    blobs, liveness in execution order); while the peak per sample exceeds the limit less
+    blobs, liveness in execution order). While the peak per sample exceeds the limit less
     :data:`~lightning_dqa.allocation.HEADROOM` of it (other samples' blobs code a little longer), the layer whose
-    codes are
-    live at the peak step and whose next cheaper option adds the least estimated noise per bit saved steps down.
-    Under DDP each rank measures its own sample; rank 0's choices are then broadcast and applied everywhere.
+    codes are live at the peak step and whose next cheaper option adds the least estimated noise per bit saved
+    steps down. Under DDP each rank measures its own sample; rank 0's choices and verdict are then broadcast and
+    applied everywhere, so every rank ends equal or every rank raises.
 
     Raises:
         ValueError: when no layer live at the peak can step down further (the message gives the peak reached,
@@ -413,6 +413,7 @@ def fit_peak(
     sample = example_input[:1]
     set_quantizers_enabled(model, True)
     try:
+        failure = None
         while True:
             _, report = run_compressed(model, sample)
             allocation.peak_bytes = report.stored.nbytes / report.batch
@@ -422,16 +423,22 @@ def fit_peak(
             if stepped is None:
                 live = ", ".join(f"{what} {size} B" for what, size in report.stored.live[:4])
                 floor = math.ceil(allocation.peak_bytes / (1 - HEADROOM))
-                raise ValueError(
+                failure = (
                     f"Expected target_peak_bytes >= {floor} bytes per sample: with every layer whose codes are live "
                     f"at the peak at its cheapest option, the peak is {allocation.peak_bytes:.0f}, at step "
                     f"{report.stored.step!r} (largest live: {live}), and {HEADROOM:.1%} is kept free; got "
                     f"{config.target_peak_bytes:g}"
                 )
+                break
             _apply_choice(stepped, quantizers[stepped], allocation, stats, config)
             quantizers[stepped].calibrated.fill_(True)
-        if broadcast is not None:
-            _share_choices(quantizers, stats, config, allocation, broadcast)
+        if broadcast is not None:  # rank 0's verdict and choices hold on every rank
+            if _share_choices(quantizers, stats, config, allocation, broadcast, failure):
+                failure = failure or f"target_peak_bytes={config.target_peak_bytes:g} is below what rank 0 reached"
+            else:
+                failure = None
+        if failure is not None:
+            raise ValueError(failure)
         _count_bits(quantizers, stats, config, allocation)
     except BaseException:
         for q in quantizers.values():
@@ -446,17 +453,19 @@ def _share_choices(
     config: DQAConfig,
     allocation: Allocation,
     broadcast: Callable[[Tensor], Tensor],
-) -> None:
-    """Rank 0's hull position of every allocated layer on every rank, applied where a rank's differs."""
+    failure: str | None,
+) -> bool:
+    """Rank 0's hull position of every allocated layer applied on every rank; whether rank 0 failed."""
     names = list(allocation.choices)
-    mine = torch.tensor([allocation.hulls[n].index(allocation.choices[n]) for n in names], dtype=torch.int64)
+    mine = [int(failure is not None)] + [allocation.hulls[n].index(allocation.choices[n]) for n in names]
     device = next(iter(quantizers.values())).bits.device
-    theirs = broadcast(mine.to(device)).cpu()
-    for name, i, j in zip(names, mine.tolist(), theirs.tolist(), strict=True):
+    theirs = broadcast(torch.tensor(mine, dtype=torch.int64, device=device)).cpu().tolist()
+    for name, i, j in zip(names, mine[1:], theirs[1:], strict=True):
         if i != j:
             allocation.choices[name] = allocation.hulls[name][j]
             _apply_choice(name, quantizers[name], allocation, stats, config)
             quantizers[name].calibrated.fill_(True)
+    return bool(theirs[0])
 
 
 def _finish(

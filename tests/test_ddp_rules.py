@@ -125,6 +125,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             "fisher", rank, world, clipping="mse", target_bits=BUDGET, target_peak_bytes=PEAK
         )
         states["greedy_scores"] = greedy_scores(rank, world)
+        try:  # below the floor: every rank must raise (a rank left waiting in a broadcast would hang the test)
+            calibrated_state("fisher", rank, world, clipping="mse", target_bits=BUDGET, target_peak_bytes=1000.0)
+        except ValueError as err:
+            states["refused"] = {"message": torch.tensor(list(str(err).encode()), dtype=torch.uint8)}
         torch.save(states, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -151,6 +155,8 @@ def test_every_ranking_and_clipping_on_uneven_shards_equals_one_process(tmp_path
         important = sum(int(v.sum()) for k, v in single.items() if k.endswith("important"))
         assert important > 0, name
         assert sum(int(v.sum()) for k, v in single.items() if k.endswith("error_counts")) > 0, name
+    for r in (r0, r1):
+        assert b"Expected target_peak_bytes >= " in bytes(r["refused"]["message"].tolist())
     budget_state = calibrated_state("fisher", clipping="mse", target_bits=BUDGET)
     widths = {int(v) for k, v in budget_state.items() if k.endswith(".bits")}
     assert len(widths) > 1, f"the budget run chose one width everywhere ({widths}): it tests nothing per layer"
