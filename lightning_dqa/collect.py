@@ -29,6 +29,19 @@ ForwardFn = Callable[[nn.Module, Batch], Any]
 LossFn = Callable[[nn.Module, Batch], Tensor]
 
 
+def _extras(config: DQAConfig) -> tuple[str, ...]:
+    """The optional statistics (:data:`~lightning_dqa.observers.EXTRAS`) that ``config`` reads."""
+    ranks = config.selects_channels
+    return tuple(
+        name
+        for name, needed in (
+            ("energy", ranks and config.ranking == "energy"),
+            ("saliency", ranks and config.ranking == "saliency"),
+        )
+        if needed
+    )
+
+
 @dataclass
 class Collected:
     """What the statistics pass gathered (on this rank).
@@ -63,6 +76,7 @@ class _Taps:
                 track_gradients=config.needs_gradients,
                 name=p.name,
                 seed=config.seed + i,
+                extras=_extras(config),
             )
             for i, p in enumerate(points)
         }

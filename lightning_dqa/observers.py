@@ -10,7 +10,7 @@ observer registers on ``x`` when ``x`` requires grad: the hook sees ``dL/dx`` du
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from lightning_dqa.sampling import bottom_k, mix64, position_keys, sample_keys
 
-__all__ = ["ChannelStats", "ChannelStatsObserver", "Reducer"]
+__all__ = ["EXTRAS", "ChannelStats", "ChannelStatsObserver", "Reducer"]
+
+EXTRAS = ("energy", "saliency")  # statistics only one ranking each reads
 
 # reducer(tensor, op) -> tensor combined over ranks; op is "sum", "max", "min" or "cat" (concatenate dim -1).
 Reducer = Callable[[Tensor, str], Tensor]
@@ -31,13 +33,13 @@ class ChannelStats:
     Attributes:
         max_abs: ``(C,)`` maximum of ``|x|``.
         min: ``(C,)`` minimum of ``x`` (non-negative for post-ReLU tensors).
-        energy: ``(C,)`` sum of ``x**2``.
+        energy: ``(C,)`` sum of ``x**2`` (zeros unless collected: the ``energy`` ranking).
         count: number of values per channel that were observed.
         grad_sq: ``(C,)`` sum of ``(dL/dx)**2`` (zeros when no gradient was seen).
         grad_coherent: ``(C,)`` sum over samples of the squared per-sample channel sum of ``dL/dx``: what a
             constant error in the channel costs (a shift of every value by ``b`` moves the loss by about
             ``b * sum(dL/dx)``), against ``grad_sq`` for errors independent from value to value.
-        saliency: ``(C,)`` sum of ``|x| * |dL/dx|``.
+        saliency: ``(C,)`` sum of ``|x| * |dL/dx|`` (zeros unless collected: the ``saliency`` ranking).
         samples: ``(C, K)`` sample of each channel's values at the same ``K`` positions for all channels, chosen
             by content keys (:mod:`lightning_dqa.sampling`), so equal on one process and on any number of
             ranks; used for percentile and MSE clipping and the code-book histogram.
@@ -69,6 +71,9 @@ class ChannelStatsObserver(nn.Module):
         track_gradients: register a gradient hook on observed tensors that require grad.
         name: layer name for error messages.
         seed: salt of the position keys (another seed, another sample).
+        extras: which of the statistics that only one ranking reads are collected: ``energy`` (the ``energy``
+            ranking), ``saliency`` (the ``saliency`` ranking). Left out, they stay zero and cost nothing
+            (default: both).
 
     The keys of a batch's samples come from :meth:`set_batch_keys` (the statistics pass hashes each sample's
     contents); without them, or when the tensor's leading axis is not the batch, each row is keyed by the bytes
@@ -87,8 +92,13 @@ class ChannelStatsObserver(nn.Module):
         track_gradients: bool = False,
         name: str = "",
         seed: int = 0,
+        extras: Collection[str] = EXTRAS,
     ) -> None:
         super().__init__()
+        unknown = set(extras) - set(EXTRAS)
+        if unknown:
+            raise ValueError(f"Expected extras to be a subset of {sorted(EXTRAS)}, got unknown {sorted(unknown)}")
+        self.extras = frozenset(extras)
         self.num_channels = num_channels
         self.channel_dim = channel_dim
         self.max_samples = max_samples
@@ -144,7 +154,8 @@ class ChannelStatsObserver(nn.Module):
             self.saliency, self.grad_coherent = self.saliency.to(hi.device), self.grad_coherent.to(hi.device)
         self.max_abs = torch.maximum(self.max_abs, torch.maximum(hi, -lo))
         self.min = torch.minimum(self.min, lo)
-        self.energy += torch.linalg.vector_norm(x.float(), 2, dim=dims).double().square()
+        if "energy" in self.extras:
+            self.energy += torch.linalg.vector_norm(x.float(), 2, dim=dims).double().square()
         values = x.numel() // self.num_channels
         self.count += values
         batch = x.shape[0] if x.ndim > 1 else 1
@@ -179,10 +190,10 @@ class ChannelStatsObserver(nn.Module):
             dims = self._dims(g)
             g = g.detach().float()
             self.grad_sq += torch.linalg.vector_norm(g, 2, dim=dims).double().square().to(self.grad_sq.device)
-            self.grad_coherent += (
-                _per_sample_channel_sums(g, self.channel_dim).double().square().sum(0).to(self.grad_coherent.device)
-            )
-            self.saliency += (x.float().abs() * g.abs()).sum(dim=dims).double().to(self.saliency.device)
+            sums = _per_sample_channel_sums(g, self.channel_dim).double()
+            self.grad_coherent += sums.square().sum(0).to(self.grad_coherent.device)
+            if "saliency" in self.extras:
+                self.saliency += (x.float().abs() * g.abs()).sum(dim=dims).double().to(self.saliency.device)
             self.grad_seen = True
 
         return hook

@@ -317,3 +317,22 @@ def test_reduce_keeps_large_counts_exact():
 
     obs.reduce_(reducer)
     assert obs.count == 2**24 + 1
+
+
+def test_extras_left_out_stay_zero_and_change_nothing_else():
+    xs = batches(n=2)
+    full, lean = ChannelStatsObserver(4, track_gradients=True), ChannelStatsObserver(4, track_gradients=True, extras=())
+    for obs in (full, lean):
+        for x in xs:
+            xr = x.clone().requires_grad_(True)
+            (obs(xr).tanh() * 2).sum().backward()
+    a, b = full.compute(), lean.compute()
+    assert bool(a.energy.gt(0).all()) and bool(a.saliency.gt(0).all())
+    assert not bool(b.energy.any()) and not bool(b.saliency.any())
+    for field in ("max_abs", "min", "grad_sq", "grad_coherent", "samples"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_unknown_extras_are_refused():
+    with pytest.raises(ValueError, match=r"subset of \['energy', 'saliency'\], got unknown \['hessian'\]"):
+        ChannelStatsObserver(4, extras=("energy", "hessian"))
