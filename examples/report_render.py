@@ -299,8 +299,8 @@ def _qat(results: dict[str, Any]) -> list[str]:
 MOBILENETV2_3BIT = {"fp32": 91.42, "direct": 82.75, "noisyquant": 87.67, "dqa": 88.63}  # extended paper
 
 
-def _network(section: dict[str, Any]) -> list[str]:
-    """One network of section 6: PTQ table (both settings), greedy against fisher, fine-tuning."""
+def _network(section: dict[str, Any], png: Path | None = None) -> list[str]:
+    """One network of section 6: PTQ table (both settings), greedy against fisher, fine-tuning, budget front."""
     ptq = section.get("ptq", {}).get("records", [])
     seg = any("miou" in r for r in ptq)
     score = "miou" if seg else "accuracy"
@@ -376,11 +376,16 @@ def _network(section: dict[str, Any]) -> list[str]:
             _meta(section, "qat"),
             "",
         ]
-    return lines + _network_budget(section, ptq, score, unit)
+    return lines + _network_budget(section, ptq, score, unit, png)
 
 
-def _network_budget(section: dict[str, Any], ptq: list[dict[str, Any]], score: str, unit: str) -> list[str]:
-    """Budget points against the default setting's direct and fixed-ratio DQA rows at equal measured bits."""
+def _network_budget(
+    section: dict[str, Any], ptq: list[dict[str, Any]], score: str, unit: str, png: Path | None = None
+) -> list[str]:
+    """Budget points against the default setting's direct and fixed-ratio DQA rows at equal measured bits.
+
+    With ``png``, also the plot of the three curves against measured bits per value (FP32 as a line).
+    """
     recs = sorted(section.get("budget", {}).get("records", []), key=lambda r: r["target_bits"])
     if not recs:
         return []
@@ -413,10 +418,55 @@ def _network_budget(section: dict[str, Any], ptq: list[dict[str, Any]], score: s
             "",
         ]
     note = section["budget"].get("note")  # e.g. why these records are older than the code (kept in the JSON)
-    return [*lines, *([f"**Note:** {note}", ""] if note else []), _meta(section, "budget"), ""]
+    lines += [*([f"**Note:** {note}", ""] if note else []), _meta(section, "budget"), ""]
+    fp32 = next((r[score] for r in ptq if r["method"] == "fp32"), None)
+    if png is not None and _plot_front(png, section["title"], unit, direct, fixed, recs, score, fp32):
+        lines += [f"![budget front]({png.relative_to(png.parents[1]).as_posix()})", ""]
+    return lines
 
 
-def _networks(results: dict[str, Any]) -> list[str]:
+def _plot_front(
+    png: Path,
+    title: str,
+    unit: str,
+    direct: list[tuple[float, float]],
+    fixed: list[tuple[float, float]],
+    budget: list[dict[str, Any]],
+    score: str,
+    fp32: float | None,
+) -> bool:
+    """Uniform direct, fixed-ratio DQA and budget points against measured bits, saved to ``png``.
+
+    Returns False, drawing nothing, without matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.plot(*zip(*direct, strict=True), "o-", label="uniform n-bit (direct), n = 3, 4, 5")
+    ax.plot(*zip(*fixed, strict=True), "D-", color="C3", label="DQA, r = 0.4, m = 3, n = 3, 4, 5")
+    ax.plot(
+        [r["bits_per_value"] for r in budget], [r[score] for r in budget], "s-", color="C2", zorder=4,
+        label="DQA, per-layer widths under target_bits",
+    )  # fmt: skip
+    if fp32 is not None:
+        ax.axhline(fp32, color="gray", ls="--", lw=0.8, label=f"FP32 {fp32:.2f}")
+    ax.set_xlabel("measured bits per activation value")
+    ax.set_ylabel(unit)
+    ax.set_title(f"{title}: accuracy against measured activation memory", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return True
+
+
+def _networks(results: dict[str, Any], out_dir: Path | None = None) -> list[str]:
     nets = results.get("networks", {})
     if not nets:
         return ["_Not run yet._"]
@@ -428,7 +478,8 @@ def _networks(results: dict[str, Any]) -> list[str]:
         "",
     ]
     for name in sorted(nets):
-        lines += _network(nets[name])
+        png = None if out_dir is None else out_dir / f"tradeoff_{name}.png"
+        lines += _network(nets[name], png)
     return lines
 
 
@@ -484,7 +535,7 @@ def render(results: dict[str, Any], png: Path) -> str:
         "",
         "## 6. The paper's other networks: MobileNetV2 (CIFAR-10) and U-Net (CamVid)",
         "",
-        *_networks(results),
+        *_networks(results, png.parent),
         "",
         "## 7. Whole-network activation memory, measured from the bytes",
         "",
