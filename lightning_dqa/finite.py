@@ -1,7 +1,10 @@
 """Non-finite activations named by layer at evaluation time, without a host-device sync per forward pass.
 
-Each quantizer's input is checked with one device-side reduction (``isfinite(x).all()``) folded into a
-per-layer flag on the same device; the flags are read once, at the end of an evaluation epoch.
+Each quantizer's input is checked with one device-side reduction folded into a per-layer flag on the same
+device; the flags are read once, at the end of an evaluation epoch. The reduction is ``aminmax``: a NaN makes
+both ends NaN and an infinity is one of them, so two finite ends mean a finite tensor, at a twentieth of the
+cost of ``isfinite(x).all()``, which writes a boolean tensor of the input's size (12.4 ms against 0.6 ms on a
+500x16x32x32 float32 tensor, 2 CPU threads).
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ class FiniteWatch:
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         @torch.compiler.disable  # bookkeeping outside any compiled graph
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not self.active or not isinstance(args[0], Tensor):
+            x = args[0]
+            if not self.active or not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0:
                 return
-            bad = ~torch.isfinite(args[0].detach()).all()  # a device scalar: no sync
+            lo, hi = torch.aminmax(x.detach())
+            bad = ~(torch.isfinite(lo) & torch.isfinite(hi))  # a device scalar: no sync
             seen = self._flags.get(name)
             self._flags[name] = bad if seen is None else seen | bad
 

@@ -195,24 +195,25 @@ def test_calibration_shows_in_whichever_progress_bar_the_trainer_has(monkeypatch
 
 
 class NaNAfterCalibration(BareNet):
-    """Feeds NaN into the second conv at evaluation time, after calibration saw clean data."""
+    """Feeds a non-finite value into the second conv at evaluation time, after calibration saw clean data."""
 
-    poison = False
+    poison: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.net[:3](x)
-        if self.poison:
+        if self.poison is not None:
             x = x.clone()
-            x[:, 0] = float("nan")
+            x[:, 0, 0, 0] = self.poison  # one value per sample
         return self.net[3:](x)
 
 
-def test_nonfinite_activations_at_evaluation_are_named_by_layer():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_activations_at_evaluation_are_named_by_layer(value):
     model = NaNAfterCalibration()
     cb = DQACallback(bits=4, calibration_samples=64, calibration_source="val", measure_memory=False)
     t = trainer(callbacks=[cb])
     t.validate(model, dataloaders=loader())
-    model.poison = True
+    model.poison = value
     with pytest.raises(ValueError, match=r"NaN or Inf activations reached the quantized layers \['net\.3'"):
         t.validate(model, dataloaders=loader())
     cb_off = DQACallback(bits=4, calibration_samples=64, calibration_source="val", check_finite=False)
