@@ -219,9 +219,7 @@ def layer_options(
     max_abs = stats.max_abs.float().cpu()
     channels = max_abs.numel()
     weights = stats.grad_sq.double().cpu() if stats.grad_seen else torch.ones(channels, dtype=torch.float64)
-    coherent = None
-    if stats.grad_seen and stats.grad_coherent is not None:
-        coherent = stats.grad_coherent.double().cpu()
+    coherent = stats.grad_coherent.double().cpu() if stats.grad_seen else None
     mse, codes, bias_sq = _width_table(values, max_abs, signed, clipping, percentile, stats.samples.float().cpu())
     # (C,) noise per width: a channel's constant error (bias) weighs by its squared per-sample gradient sums,
     # the rest of the error by the summed squared gradients (the second-order loss change, halved, per channel).

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lightning_dqa.attach import find_quant_points, tap
 from lightning_dqa.batches import clone_inference, default_batch_size, truncate
 from lightning_dqa.config import DQAConfig
-from lightning_dqa.observers import ChannelStatsObserver
+from lightning_dqa.observers import EXTRAS, ChannelStatsObserver
 from lightning_dqa.sampling import sample_keys
 
 __all__ = ["Collected", "collect"]
@@ -30,16 +30,11 @@ LossFn = Callable[[nn.Module, Batch], Tensor]
 
 
 def _extras(config: DQAConfig) -> tuple[str, ...]:
-    """The optional statistics (:data:`~lightning_dqa.observers.EXTRAS`) that ``config`` reads."""
-    ranks = config.selects_channels
-    return tuple(
-        name
-        for name, needed in (
-            ("energy", ranks and config.ranking == "energy"),
-            ("saliency", ranks and config.ranking == "saliency"),
-        )
-        if needed
-    )
+    """The optional statistics (:data:`~lightning_dqa.observers.EXTRAS`) that ``config`` reads.
+
+    Each is read only by the ranking of the same name.
+    """
+    return (config.ranking,) if config.selects_channels and config.ranking in EXTRAS else ()
 
 
 @dataclass

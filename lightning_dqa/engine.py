@@ -430,8 +430,7 @@ def fit_peak(
                     f"{config.target_peak_bytes:g}"
                 )
                 break
-            _apply_choice(stepped, quantizers[stepped], allocation, stats, config)
-            quantizers[stepped].calibrated.fill_(True)
+            _apply_choice(stepped, quantizers[stepped], allocation, stats, config)  # still calibrated: _finish ran
         if broadcast is not None:  # rank 0's verdict and choices hold on every rank
             if _share_choices(quantizers, stats, config, allocation, broadcast, failure):
                 failure = failure or f"target_peak_bytes={config.target_peak_bytes:g} is below what rank 0 reached"
@@ -464,7 +463,6 @@ def _share_choices(
         if i != j:
             allocation.choices[name] = allocation.hulls[name][j]
             _apply_choice(name, quantizers[name], allocation, stats, config)
-            quantizers[name].calibrated.fill_(True)
     return bool(theirs[0])
 
 

@@ -134,24 +134,23 @@ def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | Non
     last = _last_reads(steps, index)
     buffer_of, buffers = _plan_buffers(steps, last)
     with_fp = codes_bytes is None
-    spans: list[tuple[str, int, int, int]] = []  # (what, bytes, first step, last step)
-    coded_layers: list[tuple[str, int, int]] = []  # (layer, first step, last step) of codes
+    spans: list[tuple[str, int, int, int, str]] = []  # (what, bytes, first step, last step, layer of codes or "")
     fp_end = {id(b): _end(b, steps, index, last, with_fp) for b in buffers}
     coded = {r.value for s in steps for r in s.qreads} if codes_bytes is not None else set()
     for b in buffers:
         if not (fp_end[id(b)] == b.start and not b.is_input and b.owner in coded):  # else written as codes at once
             what = b.owner if len(b.values) == 1 else f"{b.owner}..{b.values[-1]}"
-            spans.append((f"{what} (full precision)", b.size, b.start, fp_end[id(b)]))
+            spans.append((f"{what} (full precision)", b.size, b.start, fp_end[id(b)], ""))
     if codes_bytes is not None:
         for i, step in enumerate(steps):
             for r in step.qreads:
                 if fp_end[id(buffer_of[r.value])] < i:  # else the layer quantizes the live copy on the fly
-                    spans.append((f"{r.value} -> {r.layer or step.name} (codes)", codes_bytes(r), index[r.value], i))
-                    coded_layers.append((r.layer, index[r.value], i))
-    per_step = [sum(size for _, size, lo, hi in spans if lo <= i <= hi) for i in range(len(steps))]
+                    what = f"{r.value} -> {r.layer or step.name} (codes)"
+                    spans.append((what, codes_bytes(r), index[r.value], i, r.layer))
+    per_step = [sum(size for _, size, lo, hi, _ in spans if lo <= i <= hi) for i in range(len(steps))]
     at = max(range(len(steps)), key=lambda i: (per_step[i], -i)) if steps else 0
-    live = sorted(((what, size) for what, size, lo, hi in spans if lo <= at <= hi), key=lambda t: -t[1])
-    layers = [layer for layer, lo, hi in coded_layers if layer and lo <= at <= hi]
+    live = sorted(((what, size) for what, size, lo, hi, _ in spans if lo <= at <= hi), key=lambda t: -t[1])
+    layers = [layer for _, _, lo, hi, layer in spans if layer and lo <= at <= hi]
     return Peak(per_step[at] if steps else 0, steps[at].name if steps else "", live, per_step, layers)
 
 

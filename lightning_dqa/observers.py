@@ -57,7 +57,7 @@ class ChannelStats:
     samples: Tensor
     numel_per_sample: int
     grad_seen: bool
-    grad_coherent: Tensor | None = None
+    grad_coherent: Tensor
 
 
 class ChannelStatsObserver(nn.Module):
