@@ -3,7 +3,8 @@
 Pretrained ResNet-32 and CIFAR-10 from ``../shared``; post-training quantization with the engine
 (``DQAConfig(bits=b, method=m)``, the project's defaults) on seeded-random training images; then
 ``export_onnx`` and, on the first test images, the top-1 agreement between onnxruntime (CPU) and the PyTorch
-fake-quantized model and both accuracies. Needs ``pip install 'lightning-dqa[onnx]'``.
+fake-quantized model and both accuracies, and (``verify_onnx``) how many codes differ when each quantized layer
+is fed the very tensor onnxruntime fed it. Needs ``pip install 'lightning-dqa[onnx]'``.
 
     python examples/export_onnx.py                       # direct and DQA at 3 and 4 bits, 2,000 test images
     python examples/export_onnx.py --methods dqa --bits 3 --out-dir /tmp/onnx
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.demos.data import CIFAR10DataModule
 from lightning_dqa.demos.models import build_model, load_pretrained
 from lightning_dqa.onnx_export import export_onnx
+from lightning_dqa.onnx_verify import verify_onnx
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -39,12 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-test", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--verify-images", type=int, default=200, help="test images for the layer-by-layer check (verify_onnx)"
+    )
     p.add_argument("--out-dir", default="onnx_models", help="where the .onnx files go")
     p.add_argument(
         "--noise-floor",
         action="store_true",
-        help="also print how far float32 arithmetic alone moves top-1: PyTorch float32 against the same model in "
-        "float64 and against PyTorch with oneDNN off, and onnxruntime at each graph optimization level",
+        help="also print how far float32 arithmetic alone moves top-1: PyTorch float32 and onnxruntime each "
+        "against the same model in float64, onnxruntime without graph optimizations, and PyTorch with its native "
+        "convolution instead of oneDNN's",
     )
     return p.parse_args(argv)
 
@@ -76,7 +83,11 @@ def run_config(args: argparse.Namespace, config: DQAConfig, data: tuple[Tensor, 
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     torch_pred = predictions(model, images, args.batch_size)
     ort_pred = predictions(lambda x: sess.run(None, {"input": x.numpy()})[0], images, args.batch_size)
+    check = verify_onnx(model, path, images[: args.verify_images], threads=args.threads)
     return {
+        "codes_differing": check.mismatched,
+        "codes": check.values,
+        "max_steps": check.max_steps,
         "config": f"{config.method} {config.bits}-bit",
         "agreement": 100 * float((torch_pred == ort_pred).float().mean()),
         "acc_torch": 100 * float((torch_pred == labels).float().mean()),
@@ -90,25 +101,39 @@ def run_config(args: argparse.Namespace, config: DQAConfig, data: tuple[Tensor, 
 
 
 def noise_floor(model: nn.Module, path: Path, images: Tensor, batch_size: int) -> dict[str, float]:
-    """Top-1 agreement (%) of the PyTorch float32 predictions with other evaluations of the same quantized model."""
+    """Top-1 agreement (%) between evaluations of the same quantized model that differ only in float arithmetic.
+
+    ``float64`` PyTorch stands in for exact arithmetic: agreement with it measures one runtime's own float32
+    error. ``native conv`` is PyTorch with oneDNN and NNPACK off (its im2col + GEMM convolution), a change of
+    kernel alone; with only oneDNN off, PyTorch takes NNPACK, whose fast algorithms carry a larger float error.
+    """
     import onnxruntime as ort
 
     def agree(a: Tensor, b: Tensor) -> float:
         return 100 * float((a == b).float().mean())
 
-    ref = predictions(model, images, batch_size)
-    with torch.backends.mkldnn.flags(enabled=False):
-        other_kernel = predictions(model, images, batch_size)
-    wide = predictions(lambda x: model.double()(x.double()), images, batch_size)
-    model.float()
-    out = {"torch, oneDNN off": agree(ref, other_kernel), "torch float64": agree(ref, wide)}
-    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
+    def session(level: str) -> Callable[[Tensor], object]:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        out[level] = agree(ref, predictions(lambda x, s=sess: s.run(None, {"input": x.numpy()})[0], images, batch_size))
-    return out
+        return lambda x: sess.run(None, {"input": x.numpy()})[0]
+
+    ref = predictions(model, images, batch_size)
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
+        native = predictions(model, images, batch_size)
+    exact = predictions(lambda x: model.double()(x.double()), images, batch_size)
+    model.float()
+    ort_all, ort_none = (
+        predictions(session(level), images, batch_size) for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL")
+    )
+    return {
+        "PyTorch fp32 vs fp64": agree(ref, exact),
+        "ORT vs PyTorch fp64": agree(ort_all, exact),
+        "ORT vs PyTorch fp32": agree(ort_all, ref),
+        "ORT unoptimized vs PyTorch fp32": agree(ort_none, ref),
+        "PyTorch native conv vs oneDNN": agree(native, ref),
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -121,7 +146,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     calib = list(DataLoader(dm.calibration_subset(args.calib_samples, seed=0), batch_size=128))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
-    print(f"{'config':<14}{'agreement %':>13}{'PyTorch acc %':>15}{'ORT acc %':>11}{'opset':>7}{'MB':>6}{'s':>7}")
+    print(
+        f"{'config':<14}{'agreement %':>13}{'PyTorch acc %':>15}{'ORT acc %':>11}{'opset':>7}{'MB':>6}{'s':>7}"
+        f"   codes differing, layer by layer"
+    )
     records = []
     for method in args.methods:
         for bits in args.bits:
@@ -130,12 +158,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(
                 f"{r['config']:<14}{r['agreement']:>13.2f}{r['acc_torch']:>15.2f}{r['acc_ort']:>11.2f}"
                 f"{r['opset']:>7}{r['megabytes']:>6.2f}{r['seconds']:>7.1f}"
+                f"   {r['codes_differing']} of {r['codes']:,} (at most {r['max_steps']:.0f} step)"
             )
             if r["noise_floor"] is not None:
-                print(
-                    "    agreement with float32 PyTorch, %: "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in r["noise_floor"].items())
-                )
+                print("    top-1 agreement, %: " + ", ".join(f"{k} {v:.2f}" for k, v in r["noise_floor"].items()))
     return records
 
 

@@ -6,12 +6,16 @@ an earlier layer. PyTorch rounds ``x * (1 / s)``, ``QuantizeLinear`` ``x / s``: 
 exactly one step; the mismatch rate is asserted below 1e-4 (measured: 0 to a few in 10**6).
 
 ResNet-32 (the acceptance test, ``slow``): the pretrained model on the first 2,000 CIFAR-10 test images, direct
-and DQA at 3 and 4 bits with the project's default settings, calibrated on 256 training images. Target: top-1
-agreement >= 99.9 % and accuracies within 0.05 points; measured 99.90 / 99.80 / 99.90 / 99.85 % (direct 3,
-DQA 3, direct 4, DQA 4), accuracy gaps 0.00 / 0.15 / 0.10 / 0.05 points. Only direct 3-bit meets both: float32
-differences between the two runtimes' convolutions move codes across rounding boundaries, as they do between
-PyTorch's own kernels (see the floor below). The test asserts agreement >= 99.8 % and a gap of at most 0.2
-points, what all four configurations meet; the target miss is stated here and in the README.
+and DQA at 3 and 4 bits with the project's default settings, calibrated on 256 training images. Layer by layer
+(``verify_onnx`` on 200 images, each QDQ subgraph fed what onnxruntime fed it) 3 to 13 of 60.4 million codes
+differ, each by one step at a rounding tie: asserted below 1e-6 and at most one step. End to end, the issue's
+target is top-1 agreement >= 99.9 % and accuracies within 0.05 points; measured 99.90 / 99.80 / 99.90 / 99.85 %
+(direct 3, DQA 3, direct 4, DQA 4), accuracy gaps 0.00 / 0.15 / 0.10 / 0.05 points. Only direct 3-bit meets
+both. The rest is float32 noise that PyTorch shows against itself: on all 10,000 test images
+(``examples/export_onnx.py --noise-floor --limit-test 10000``) PyTorch's native convolution agrees with its
+oneDNN one on 99.77-99.87 % and onnxruntime with PyTorch on 99.71-99.86 %. The test asserts agreement
+>= 99.8 % and a gap of at most 0.2 points, what all four configurations meet; the target miss is stated here
+and in the README.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -30,6 +33,7 @@ from lightning_dqa import DQAConfig
 from lightning_dqa.attach import quantizers_of
 from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
 from lightning_dqa.onnx_export import export_onnx, require_onnx
+from lightning_dqa.onnx_verify import verify_onnx
 
 onnx = pytest.importorskip("onnx", reason="ONNX export tests need onnx: pip install 'lightning-dqa[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime: pip install 'lightning-dqa[onnx]'")
@@ -52,48 +56,6 @@ def calibrated_tiny(**kw) -> nn.Module:
     return model.eval()
 
 
-def expose_layers(path) -> list[tuple[str, str, str]]:
-    """Make every QDQ subgraph's input and output graph outputs; ``(prefix, x, y)`` per quantized layer."""
-    model = onnx.load(str(path))
-    spans: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        if node.name.startswith("dqa"):
-            prefix = node.name.rsplit("/", 1)[0]
-            spans.setdefault(prefix, [node.input[0], node.output[0]])[1] = node.output[0]
-    for _, y in spans.values():
-        model.graph.output.append(onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None))
-    for x, _ in spans.values():
-        if x not in {o.name for o in model.graph.output} and x != "input":
-            model.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-    onnx.save(model, str(path))
-    return [(p, x, y) for p, (x, y) in spans.items()]
-
-
-def layer_mismatches(model: nn.Module, path, x: torch.Tensor) -> tuple[int, int, float]:
-    """``(mismatched values, values, output max abs diff)`` over every quantized layer of ``model``."""
-    spans = expose_layers(path)
-    sess = session(path)
-    names = [o.name for o in sess.get_outputs()]
-    outs = dict(zip(names, sess.run(None, {"input": x.numpy()}), strict=True))
-    outs["input"] = x.numpy()
-    quantizers = [q for q in quantizers_of(model).values() if not q.passthrough]
-    assert len(spans) == len(quantizers)
-    bad = total = 0
-    for (prefix, xin, yout), q in zip(spans, quantizers, strict=True):
-        assert prefix.endswith(q.name)
-        with torch.no_grad():
-            ref = q(torch.from_numpy(outs[xin])).numpy()
-        got = outs[yout]
-        diff = got != ref
-        if diff.any():  # a tie rounded the other way: exactly one step apart
-            step = np.abs(got - ref)[diff]
-            assert step.max() <= 2 * float(q.current_scale(torch.from_numpy(outs[xin])).max()) + 1e-6
-        bad, total = bad + int(diff.sum()), total + diff.size
-    with torch.no_grad():
-        full = float(np.abs(outs["output"] - model(x).numpy()).max())
-    return bad, total, full
-
-
 CASES = {
     "dqa": dict(method="dqa"),
     "direct": dict(method="direct"),
@@ -114,10 +76,56 @@ def test_tiny_onnxruntime_matches_pytorch(case, tmp_path):
     model = calibrated_tiny(**CASES[case])
     path = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "tiny.onnx")
     x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(7))
-    bad, total, full = layer_mismatches(model, path, x)
-    print(f"{case}: {bad} of {total} codes differ ({bad / total:.2e}); output max abs diff {full:.2e}")
+    check = verify_onnx(model, path, x)
+    bad, total = check.mismatched, check.values
+    print(
+        f"{case}: {bad} of {total} codes differ ({bad / total:.2e}); output max abs diff "
+        f"{check.output_max_abs_diff:.2e}"
+    )
+    assert [c.name for c in check.layers] == [q.name for q in quantizers_of(model).values() if not q.passthrough]
+    seen: dict[str, int] = {}  # values each quantizer sees in PyTorch's forward pass
+    hooks = [
+        q.register_forward_pre_hook(lambda m, a: seen.__setitem__(m.name, a[0].numel()))
+        for q in quantizers_of(model).values()
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert {c.name: c.values for c in check.layers} == {
+        k: v for k, v in seen.items() if k in {c.name for c in check.layers}
+    }
+    assert check.off_tie == 0  # every difference is a tie rounded the other way ...
+    assert check.max_steps <= 1.0 + 1e-4  # ... by exactly one step
     assert bad / total < 1e-4
-    assert full < 1e-3
+    assert check.output_max_abs_diff < 1e-3
+
+
+def test_verify_onnx_finds_a_wrong_scale_and_leaves_the_file_alone(tmp_path):
+    model = calibrated_tiny(method="dqa")
+    path = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    scale = next(i for i in proto.graph.initializer if i.name.endswith("conv2/scale"))
+    values = onnx.numpy_helper.to_array(scale).copy()
+    values[3] *= 1.5  # one channel of conv2's input quantized on the wrong grid
+    scale.CopyFrom(onnx.numpy_helper.from_array(values, scale.name))
+    onnx.save(proto, str(path))
+    before = path.read_bytes()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    check = verify_onnx(model, path, x)
+    by_name = {c.name: c for c in check.layers}
+    assert by_name["conv2"].off_tie > 0 and by_name["conv2"].max_steps > 1.0
+    assert by_name["conv1"].mismatched == 0  # upstream of the damage, fed the same input
+    assert path.read_bytes() == before
+
+
+def test_verify_onnx_refuses_a_file_from_another_model(tmp_path):
+    path = export_onnx(calibrated_tiny(method="dqa"), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    other = calibrated_tiny(method="dqa", first_layer_bits=0)  # conv1 passes through in full precision here
+    with pytest.raises(
+        ValueError, match=r"Expected the QDQ layers of .* to be quantized layers of TinyNet, got \['conv1'\]"
+    ):
+        verify_onnx(other, path, torch.randn(2, 3, 8, 8))
 
 
 def test_tiny_graph_layout(tmp_path):
@@ -227,6 +235,13 @@ def test_resnet32_onnxruntime_agrees_with_pytorch(method, bits, cifar, resnet32_
     ort_pred = torch.cat(
         [torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]).argmax(1) for x in images.split(500)]
     )
+    check = verify_onnx(model, path, images[:200], threads=2)  # each layer fed what onnxruntime fed it
+    print(
+        f"resnet32 {method} {bits}-bit, layer by layer: {check.mismatched} of {check.values} codes differ, "
+        f"at most {check.max_steps:.3f} step"
+    )
+    assert check.off_tie == 0 and check.max_steps <= 1.0 + 1e-4  # only ties, one step apart
+    assert check.mismatched / check.values < 1e-6  # measured: 3 to 13 in 60.4 million
     agreement = 100 * float((torch_pred == ort_pred).float().mean())
     acc_torch = 100 * float((torch_pred == labels).float().mean())
     acc_ort = 100 * float((ort_pred == labels).float().mean())
@@ -234,9 +249,35 @@ def test_resnet32_onnxruntime_agrees_with_pytorch(method, bits, cifar, resnet32_
         f"resnet32 {method} {bits}-bit: agreement {agreement:.2f} %, accuracy PyTorch {acc_torch:.2f} %, "
         f"onnxruntime {acc_ort:.2f} %, {time.perf_counter() - start:.1f} s"
     )
-    # Floor: PyTorch against itself with its native convolution instead of oneDNN agrees on 99.45 % of these images
-    # (channels_last: 99.85 % for DQA 4-bit), so a flip or two in 2,000 is float32 kernel noise, not the export.
-    # The issue's target (99.9 % and 0.05 points) is met by direct 3-bit only (see the module docstring); the
-    # bounds asserted are the ones the export meets everywhere (DQA 3-bit sits on them: 99.80 %, 0.15 points).
+    # Floor: PyTorch with its native convolution instead of oneDNN's agrees with itself on 99.77-99.87 % of the
+    # 10,000 test images, so a flip or two in 2,000 is float32 kernel noise, not the export (the layer check above
+    # is what the export answers for). The issue's target (99.9 % and 0.05 points) is met by direct 3-bit only
+    # (module docstring); the bounds asserted are the ones the export meets everywhere (DQA 3-bit sits on them).
     assert agreement >= 99.8
     assert abs(acc_torch - acc_ort) <= 0.2
+
+
+# ------------------------------------------------------------------------------------- torchvision models
+TORCHVISION = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5"]
+
+
+@pytest.mark.parametrize("arch", TORCHVISION)
+def test_torchvision_models_export_and_verify_layer_by_layer(arch, tmp_path):
+    from torchvision import models
+
+    torch.manual_seed(0)
+    model = getattr(models, arch)(weights=None, num_classes=10).eval()
+    cfg = DQAConfig(bits=4, method="dqa")
+    prepare(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    calibrate(model, cfg, calib, forward_fn=lambda m, b: m(b[0]), loss_fn=lambda m, b: TF.cross_entropy(m(b[0]), b[1]))
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    check = verify_onnx(model, export_onnx(model, x[:1], tmp_path / f"{arch}.onnx"), x)
+    quantizing = [q.name for q in quantizers_of(model).values() if not q.passthrough]
+    print(f"{arch}: {check.mismatched} of {check.values} codes differ, at most {check.max_steps:.0f} step")
+    assert sorted({c.name for c in check.layers}) == sorted(quantizing)
+    assert check.off_tie == 0 and check.max_steps <= 1.0 + 1e-4  # only ties, one step apart
+    # measured: 0 / 18 / 0 / 35 of 180,000-360,000 codes, each within float32 rounding of a tie (random weights,
+    # 32x32 inputs: far more near-ties than ResNet-32's 3-13 in 60 million)
+    assert check.mismatched / check.values < 1e-3
