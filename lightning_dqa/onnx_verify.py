@@ -156,7 +156,8 @@ def verify_onnx(
 
     Raises:
         ImportError: when ``onnx`` or ``onnxruntime`` is missing.
-        ValueError: when the file's quantized layers are not the model's (a different model or export).
+        ValueError: when the file's quantized layers are not the model's (a different model or export), or the
+            number of input tensors is not the file's.
 
     """
     onnx = require_onnx()
@@ -175,6 +176,10 @@ def verify_onnx(
         )
     feeds = inputs if isinstance(inputs, tuple) else (inputs,)
     names = [i.name for i in proto.graph.input]
+    if len(names) != len(feeds):
+        raise ValueError(
+            f"Expected inputs to hold one tensor per input of {str(path)!r} ({names}), got {len(feeds)} tensor(s)"
+        )
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, feeds, strict=True)}
     present = {o.name for o in proto.graph.output} | set(feed) | {i.name for i in proto.graph.initializer}
     for tensor in dict.fromkeys(t for s in spans for t in (s.x, s.y, s.q_in, s.q_scale)):

@@ -126,6 +126,8 @@ def test_verify_onnx_refuses_a_file_from_another_model(tmp_path):
         ValueError, match=r"Expected the QDQ layers of .* to be quantized layers of TinyNet, got \['conv1'\]"
     ):
         verify_onnx(other, path, torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"one tensor per input of .*\(\['input'\]\), got 2 tensor"):
+        verify_onnx(calibrated_tiny(method="dqa"), path, (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)))
 
 
 def test_tiny_graph_layout(tmp_path):
