@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -283,3 +284,21 @@ def test_torchvision_models_export_and_verify_layer_by_layer(arch, tmp_path):
     # measured: 0 / 18 / 0 / 35 of 180,000-360,000 codes, each within float32 rounding of a tie (random weights,
     # 32x32 inputs: far more near-ties than ResNet-32's 3-13 in 60 million)
     assert check.mismatched / check.values < 1e-3
+
+
+def test_a_checkpoint_loaded_with_load_from_checkpoint_exports_and_verifies(tmp_path):
+    """The everyday deployment path: fit with the callback, ``MyModule.load_from_checkpoint``, export, check."""
+    from test_load_from_checkpoint import fit_quantized
+    from tiny import TinyNet, make_data
+
+    ckpt, _ = fit_quantized(tmp_path)
+    loaded = TinyNet.load_from_checkpoint(ckpt)
+    x = make_data(64, 3).tensors[0]
+    path = export_onnx(loaded, x[:1], tmp_path / "deployed.onnx")
+    check = verify_onnx(loaded, path, x)
+    assert check.off_tie == 0 and check.max_steps <= 1.0 + 1e-4
+    assert len(check.layers) == sum(not q.passthrough for q in quantizers_of(loaded).values())
+    with torch.no_grad():
+        expected = loaded.eval()(x).numpy()
+    got = session(path).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - expected).max() < 1e-4
