@@ -370,7 +370,8 @@ def _network(section: dict[str, Any], png: Path | None = None) -> list[str]:
     for r in section.get("qat", {}).get("records", []):
         lines += [
             f"Fine-tuned: 3-bit DQA (learnable scales) for {r['qat_steps']} steps of batch {r['qat_batch_size']} at "
-            f"lr {r['qat_lr']} ({r['train_seconds'] / 60:.1f} min): **{r[score]:.2f}** {unit}, a drop of "
+            f"lr {r['qat_lr']}{', BatchNorm statistics frozen' if r.get('qat_freeze_bn_stats') else ''} "
+            f"({r['train_seconds'] / 60:.1f} min): **{r[score]:.2f}** {unit}, a drop of "
             f"{fp32[score] - r[score]:.2f} from FP32, at {r['bits_per_value']:.3f} bits per value.",
             "",
             _meta(section, "qat"),
