@@ -49,7 +49,7 @@ from lightning_dqa.noisyquant import NoisyQuantizer
 from lightning_dqa.onnx_qdq import PLACEHOLDER_DOMAIN, QDQSpec, replace_placeholders
 from lightning_dqa.quantizers import ActivationQuantizer
 
-__all__ = ["MIN_OPSET", "export_onnx", "qdq_spec", "require_onnx"]
+__all__ = ["MIN_OPSET", "export_onnx", "output_leaves", "qdq_spec", "require_onnx"]
 
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear
 INT16_OPSET = 21  # int16 / uint16 QuantizeLinear
@@ -209,10 +209,32 @@ def _swapped(pairs: list[tuple[nn.Module, nn.Module]]) -> Iterator[None]:
             layer._modules[QUANTIZER_ATTR] = original
 
 
+def output_leaves(out: Any) -> list[Tensor]:
+    """The tensors of a forward pass's output in the order the ONNX graph lists them.
+
+    Tuples and lists in order, dicts by their values in insertion order (a torchvision segmentation model's
+    ``{"out": ..., "aux": ...}``), nested as deep as they go; anything that is not a tensor is left out.
+    """
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in output_leaves(item)]
+    return []
+
+
 def _trace(model: nn.Module, args: tuple[Tensor, ...], opset: int) -> bytes:
-    """The TorchScript export of ``model`` (stand-ins in place) as ONNX bytes, batch axis dynamic."""
+    """The TorchScript export of ``model`` (stand-ins in place) as ONNX bytes, batch axis dynamic.
+
+    Inputs are named ``input`` (``input_0``, ``input_1``, ... for several), outputs ``output`` (``output_0``,
+    ``output_1``, ... in :func:`output_leaves` order when the forward pass returns several tensors).
+    """
     names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    dynamic = {name: {0: "batch"} for name in [*names, "output"]}
+    with torch.no_grad():
+        count = len(output_leaves(model(*args)))
+    outputs = ["output"] if count <= 1 else [f"output_{i}" for i in range(count)]
+    dynamic = {name: {0: "batch"} for name in [*names, *outputs]}
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is chosen on purpose
@@ -225,7 +247,7 @@ def _trace(model: nn.Module, args: tuple[Tensor, ...], opset: int) -> bytes:
             dynamo=False,
             opset_version=opset,
             input_names=names,
-            output_names=["output"],
+            output_names=outputs,
             dynamic_axes=dynamic,
             custom_opsets={PLACEHOLDER_DOMAIN: 1},
             autograd_inlining=False,

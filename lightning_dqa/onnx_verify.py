@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dqa.functional import channel_view
-from lightning_dqa.onnx_export import _quantized_layers, require_onnx
+from lightning_dqa.onnx_export import _quantized_layers, output_leaves, require_onnx
 
 __all__ = ["LayerCheck", "OnnxCheck", "verify_onnx"]
 
@@ -63,8 +63,8 @@ class OnnxCheck:
 
     Attributes:
         layers: one :class:`LayerCheck` per quantized layer, in execution order.
-        output_max_abs_diff: largest absolute difference between the two models' outputs (the end-to-end
-            difference, float rounding included).
+        output_max_abs_diff: largest absolute difference between the two models' outputs, over every output
+            tensor (the end-to-end difference, float rounding included).
 
     """
 
@@ -182,7 +182,8 @@ def verify_onnx(
             f"Expected inputs to hold one tensor per input of {str(path)!r} ({names}), got {len(feeds)} tensor(s)"
         )
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, feeds, strict=True)}
-    present = {o.name for o in proto.graph.output} | set(feed) | {i.name for i in proto.graph.initializer}
+    graph_outputs = [o.name for o in proto.graph.output]
+    present = set(graph_outputs) | set(feed) | {i.name for i in proto.graph.initializer}
     for tensor in dict.fromkeys(t for s in spans for t in (s.x, s.y, s.q_in, s.q_scale)):
         if tensor not in present:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
@@ -217,7 +218,15 @@ def verify_onnx(
             reference = model(*(t.to(device) for t in feeds))
     finally:
         model.train(was_training)
-    first_output = proto.graph.output[0].name
-    diff = float(np.abs(outs[first_output] - reference.detach().cpu().numpy()).max())
+    expected = output_leaves(reference)
+    if len(expected) != len(graph_outputs):
+        raise ValueError(
+            f"Expected the model's forward pass to return one tensor per output of {str(path)!r} ({graph_outputs}), "
+            f"got {len(expected)}; verify the model the file was exported from"
+        )
+    diff = max(
+        float(np.abs(outs[name] - t.detach().cpu().numpy()).max(initial=0.0))
+        for name, t in zip(graph_outputs, expected, strict=True)
+    )
     layers = [LayerCheck(name, int(v), int(m), int(o), float(s)) for name, (v, m, o, s) in totals.items()]
     return OnnxCheck(layers=layers, output_max_abs_diff=diff)

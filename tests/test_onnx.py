@@ -302,3 +302,59 @@ def test_a_checkpoint_loaded_with_load_from_checkpoint_exports_and_verifies(tmp_
         expected = loaded.eval()(x).numpy()
     got = session(path).run(None, {"input": x.numpy()})[0]
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_a_segmentation_model_returning_a_dict_exports_and_verifies(tmp_path):
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5).eval()
+    cfg = DQAConfig(bits=4, method="dqa")
+    prepare(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(4, 3, 64, 64, generator=g), torch.randint(0, 5, (4, 64, 64), generator=g)) for _ in range(2)]
+    calibrate(
+        model,
+        cfg,
+        calib,
+        forward_fn=lambda m, b: m(b[0])["out"],
+        loss_fn=lambda m, b: TF.cross_entropy(m(b[0])["out"], b[1]),
+    )
+    x = torch.randn(3, 3, 64, 64, generator=g)
+    path = export_onnx(model, x[:1], tmp_path / "seg.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output"]  # {"out": ...} -> one tensor
+    check = verify_onnx(model, path, x)
+    assert check.off_tie == 0 and check.max_steps <= 1.0 + 1e-4
+    assert check.output_max_abs_diff < 1e-3
+
+
+class TwoHeads(nn.Module):
+    """Returns ``(logits, {"features": pooled})``: several outputs, nested."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor):
+        pooled = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        return self.fc(pooled), {"features": pooled}
+
+
+def test_several_outputs_are_named_in_order_with_a_dynamic_batch_and_all_verified(tmp_path):
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    cfg = config(method="dqa")
+    prepare(model, cfg)
+    calibrate(model, cfg, make_batches(), forward_fn=lambda m, b: m(b[0])[0])
+    path = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "two.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output_0", "output_1"]
+    x = torch.randn(5, 3, 8, 8)
+    logits, features = session(path).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        ref_logits, ref = model(x)
+    assert logits.shape == (5, 4) and features.shape == (5, 6)
+    assert np.abs(features - ref["features"].numpy()).max() < 1e-5
+    assert np.abs(logits - ref_logits.numpy()).max() < 1e-4
+    check = verify_onnx(model, path, x)
+    assert check.off_tie == 0 and check.output_max_abs_diff < 1e-4
