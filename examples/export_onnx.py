@@ -105,7 +105,8 @@ def noise_floor(model: nn.Module, path: Path, images: Tensor, batch_size: int) -
 
     ``float64`` PyTorch stands in for exact arithmetic: agreement with it measures one runtime's own float32
     error. ``native conv`` is PyTorch with oneDNN and NNPACK off (its im2col + GEMM convolution), a change of
-    kernel alone; with only oneDNN off, PyTorch takes NNPACK, whose fast algorithms carry a larger float error.
+    kernel alone; with only oneDNN off, PyTorch may take NNPACK instead (direct 3-bit, 10,000 images: 99.58 %
+    agreement with oneDNN, against 99.87 % for the native convolution).
     """
     import onnxruntime as ort
 
