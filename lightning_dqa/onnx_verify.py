@@ -204,16 +204,15 @@ def verify_onnx(
                 q = quantizers[span.name]
                 seen = torch.from_numpy(outs[span.x]).to(q.important.device)
                 ref, got = q(seen), torch.from_numpy(outs[span.y]).to(seen.device)
-                shift = q.code_ranges()[0].to(seen.dtype)
-                step = channel_view(q.current_scale(seen).to(seen.dtype) / shift, seen.ndim, q.channel_dim)
                 differ = got != ref
-                steps = ((got - ref).abs() / step).masked_fill(~differ, 0.0)
                 row = totals.setdefault(span.name, [0, 0, 0, 0.0])
                 row[0] += ref.numel()
                 row[1] += int(differ.sum())
-                if bool(differ.any()):
+                if bool(differ.any()):  # the steps apart, and whether at ties, only where values differ
+                    shift = q.code_ranges()[0].to(seen.dtype)
+                    step = channel_view(q.current_scale(seen).to(seen.dtype) / shift, seen.ndim, q.channel_dim)
                     row[2] += _off_tie(outs[span.q_in], outs[span.q_scale], span.axis, differ.cpu().numpy())
-                    row[3] = max(row[3], float(steps.max()))
+                    row[3] = max(row[3], float(((got - ref).abs() / step)[differ].max()))
             device = next(iter(quantizers.values())).important.device
             reference = model(*(t.to(device) for t in feeds))
     finally:
