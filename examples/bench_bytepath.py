@@ -30,10 +30,10 @@ import torch
 from bench_overhead import SHARED, fp32_forward, interleaved, layer_inputs, load, quantize_model
 
 import lightning_dqa.codec.bytepath as bytepath
-from lightning_dqa import functional as F
 from lightning_dqa.codec import HuffmanCodebook, encode, pack_codes
-from lightning_dqa.codec.layer import _scale_n
-from lightning_dqa.config import DQAConfig
+from lightning_dqa.core import functional as F
+from lightning_dqa.core.config import DQAConfig
+from lightning_dqa.deploy.layer_bytes import _scale_n
 
 Layer = tuple[Any, torch.Tensor, torch.Tensor, HuffmanCodebook]  # quantizer, input, n-bit scales, code book
 

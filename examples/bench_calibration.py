@@ -2,7 +2,7 @@
 
 For each network and number of calibration samples, prints the CPU seconds of one FP32 forward pass over the
 samples (no quantizers), of an FP32 forward and backward pass to the inputs (the floor of a gradient ranking:
-fisher needs every quantized tensor's loss gradient) and of :func:`lightning_dqa.engine.calibrate` for each
+fisher needs every quantized tensor's loss gradient) and of :func:`lightning_dqa.calibration.engine.calibrate` for each
 configuration, and their ratio to the forward pass.
 CPU time of one thread is what the issue's aim (at most 2x an FP32 pass, linear in the samples) is stated in,
 and it is less disturbed by other jobs on the machine than wall time. Data are in memory (no loading cost).
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_dqa import DQAConfig
-from lightning_dqa.engine import calibrate, prepare
+from lightning_dqa.calibration.engine import calibrate
+from lightning_dqa.core.attach import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_dqa import functional as F
 from lightning_dqa.codec import (
     DEFAULT_CHUNK_SIZE,
     HuffmanCodebook,
@@ -37,6 +36,7 @@ from lightning_dqa.codec import (
     symbol_counts,
     unpack_codes,
 )
+from lightning_dqa.core import functional as F
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:

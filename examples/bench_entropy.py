@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import SHARED, layer_inputs, load, quantize_model
 
 from lightning_dqa.codec.entropy import available_coders, get_coder
-from lightning_dqa.config import DQAConfig
+from lightning_dqa.core.config import DQAConfig
 
 Layer = tuple[str, torch.Tensor, np.ndarray]  # name, flat shifting errors, calibration counts
 

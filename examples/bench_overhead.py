@@ -29,14 +29,14 @@ from unittest import mock
 
 import torch
 
-from lightning_dqa.attach import quantizers_of
-from lightning_dqa.codec import bytes_to_values, quantizer_to_bytes
+from lightning_dqa.calibration.engine import calibrate
 from lightning_dqa.codec.entropy import available_coders
 from lightning_dqa.codec.native import native_status
-from lightning_dqa.config import DQAConfig, paper_config
+from lightning_dqa.core.attach import prepare, quantizers_of, set_quantizers_enabled
+from lightning_dqa.core.config import DQAConfig, paper_config
 from lightning_dqa.demos.data import CIFAR10DataModule
 from lightning_dqa.demos.models import build_model, load_pretrained
-from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
+from lightning_dqa.deploy.layer_bytes import bytes_to_values, quantizer_to_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -1,12 +1,12 @@
 """Time each channel ranking's calibration on the pretrained ResNet-32, next to a plain FP32 pass.
 
-For every ranking a fresh ResNet-32 gets quantizers (:func:`lightning_dqa.engine.prepare`) and is calibrated
-on the same in-memory calibration batches (:func:`lightning_dqa.engine.calibrate`); the wall time of that call
+For every ranking a fresh ResNet-32 gets quantizers (:func:`lightning_dqa.core.attach.prepare`) and is calibrated
+on the same in-memory calibration batches (:func:`lightning_dqa.calibrate`); the wall time of that call
 is printed next to the time of one plain calibration pass (an FP32 forward over the same samples, no
 quantizers) measured in the same run, and their ratio. Data loading is excluded from both: the calibration
 images (a seeded random subset of the CIFAR-10 training set) are decoded once beforehand.
 
-``--speedup`` times the greedy search itself (:func:`lightning_dqa.greedy.greedy_rank`) with the fast path
+``--speedup`` times the greedy search itself (:func:`lightning_dqa.calibration.greedy.greedy_rank`) with the fast path
 (fx partition + batched candidates, for each ``--samples-per-pass``) against the plain loop (one full forward
 pass per candidate), and checks that they give the same scores.
 
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dqa import DQAConfig, paper_config
-from lightning_dqa.attach import quantizers_of
+from lightning_dqa.calibration.engine import calibrate
+from lightning_dqa.calibration.greedy import greedy_rank
+from lightning_dqa.core.attach import prepare, quantizers_of, set_quantizers_enabled
 from lightning_dqa.demos.models import load_pretrained, resnet32
-from lightning_dqa.engine import calibrate, prepare, set_quantizers_enabled
-from lightning_dqa.greedy import greedy_rank
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

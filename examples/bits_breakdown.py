@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.demos.models import build_model, load_pretrained
-from lightning_dqa.meter import MemoryMeter
+from lightning_dqa.deploy.meter import MemoryMeter
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")

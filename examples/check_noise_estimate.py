@@ -1,6 +1,6 @@
 """How well the budget allocation's noise estimate ranks layers: estimate against measured loss, per layer (not a test).
 
-``target_bits`` chooses per-layer widths from an estimated loss increase (:mod:`lightning_dqa.allocation`).
+``target_bits`` chooses per-layer widths from an estimated loss increase (:mod:`lightning_dqa.calibration.allocation`).
 This script checks that estimate against the real thing. It calibrates the network (default setting, fisher
 statistics), sets every allocatable layer to uniform 4-bit codes, then, for each layer alone, drops it to 2
 and to 3 bits and measures the mean loss on the calibration images. Each row prints the measured loss increase
@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from reproduce_paper import DEFAULT_WEIGHTS, SETTINGS, SHARED, build_task
 
 from lightning_dqa import DQAConfig
-from lightning_dqa.allocation import NOISE_SAMPLES, _width_table, layer_options
-from lightning_dqa.attach import quantizers_of
-from lightning_dqa.engine import calibrate, freeze_scales, prepare
+from lightning_dqa.calibration.allocation import NOISE_SAMPLES, _width_table, layer_options
+from lightning_dqa.calibration.engine import calibrate
+from lightning_dqa.calibration.scales import freeze_scales
+from lightning_dqa.core.attach import prepare, quantizers_of
 
 UNIFORM = 4
 

@@ -34,11 +34,10 @@ from bench_rankings import forward_fn, loss_fn, objective_fn  # the same calibra
 from torch import Tensor, nn
 
 from lightning_dqa import calibrate, paper_config, prepare
-from lightning_dqa.attach import quantizers_of
-from lightning_dqa.config import DQAConfig
+from lightning_dqa.core.attach import quantizers_of, set_quantizers_enabled
+from lightning_dqa.core.config import DQAConfig
 from lightning_dqa.demos.data import CIFAR10DataModule
 from lightning_dqa.demos.models import load_pretrained, mobilenetv2
-from lightning_dqa.engine import set_quantizers_enabled
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "examples" / "checkpoints" / "mobilenetv2_w050_cifar10.pt"

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.demos.data import CIFAR10DataModule
 from lightning_dqa.demos.models import build_model, load_pretrained
-from lightning_dqa.onnx_export import export_onnx
-from lightning_dqa.onnx_verify import verify_onnx
+from lightning_dqa.deploy.onnx.export import export_onnx
+from lightning_dqa.deploy.onnx.verify import verify_onnx
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

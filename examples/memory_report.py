@@ -1,10 +1,10 @@
 """Measured peak activation memory per image: FP32, uniform 8-bit, direct n-bit and DQA n-bit (n = 3, 4, 5).
 
 Each network is calibrated with the default setting ``DQAConfig(bits=n, method=...)`` on a few training images,
-then a handful of test images run one at a time through :func:`lightning_dqa.compressed.run_compressed`: every
+then a handful of test images run one at a time through :func:`lightning_dqa.deploy.compressed.run_compressed`: every
 quantized activation is stored as a blob and decoded when its layer runs (the output is checked bit for bit
 against the fake-quantized forward). The peak is the whole network's, under the liveness rule of
-:mod:`lightning_dqa.liveness`: residual shortcuts, concatenated skips, the input and the tensors between two
+:mod:`lightning_dqa.deploy.liveness`: residual shortcuts, concatenated skips, the input and the tensors between two
 quantization points (conv outputs before BatchNorm) stay in full precision. FP32 and uniform 8-bit are the same
 pass with every quantized activation at 4 or 1 byte per value. Run from the repository root, ``../shared`` beside
 it::
@@ -37,9 +37,9 @@ from torch import nn
 
 from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.codec.native import native_status
-from lightning_dqa.compressed import run_compressed
 from lightning_dqa.demos.data import CamVidDataModule, CIFAR10DataModule
 from lightning_dqa.demos.models import build_model, load_pretrained
+from lightning_dqa.deploy.compressed import run_compressed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

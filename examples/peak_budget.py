@@ -1,7 +1,7 @@
 """A peak activation limit on top of a bits budget (``target_peak_bytes``), on the pretrained ResNet-32 (not a test).
 
 Calibrates ``DQAConfig(target_bits=B)`` on seeded-random CIFAR-10 training images, measures the whole network's
-peak activation bytes per image with :func:`lightning_dqa.compressed.run_compressed` on the first test image, then
+peak activation bytes per image with :func:`lightning_dqa.run_compressed` on the first test image, then
 calibrates again with ``target_peak_bytes`` at fractions of that peak. Prints, per run, the measured peak, what
 holds it, the bits per value on the calibration sample and the top-1 accuracy on the first test images; a limit
 below what the full-precision tensors at the peak need prints the refusal.
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lightning_dqa import DQAConfig, calibrate, prepare
-from lightning_dqa.compressed import run_compressed
 from lightning_dqa.demos.data import CIFAR10DataModule
 from lightning_dqa.demos.models import build_model, load_pretrained
+from lightning_dqa.deploy.compressed import run_compressed
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

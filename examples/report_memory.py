@@ -55,7 +55,7 @@ def memory_section(mem: dict[str, Any] | None) -> list[str]:
     nets = mem["networks"]
     return [
         "Peak activation KiB per image of the whole network, with every quantized activation really stored as a",
-        "blob (`lightning_dqa.compressed.run_compressed`, liveness analysis of the `torch.fx` graph in execution",
+        "blob (`lightning_dqa.run_compressed`, liveness analysis of the `torch.fx` graph in execution",
         "order; residual shortcuts, concatenated skips and the input stay in full precision). FP32 and uniform 8-bit",
         "are the same pass at 4 and 1 byte per quantized value. Default setting `DQAConfig(bits=n, method=...)`,",
         f"calibrated on {mem['calib']} training images (CamVid: a tenth), mean over {mem['images']} test images run",

@@ -231,7 +231,7 @@ def _budget(results: dict[str, Any]) -> list[str]:
     uniform, fixed = _uniform_curve(results), _fixed_r_curve(results)
     lines = [
         "`DQACallback(target_bits=...)` chooses every layer's n (2..8), ratio (0..0.5) and m (1..4) under the",
-        "budget (`lightning_dqa/allocation.py`); the image layer stays at 8 bits and counts against it. Compared at",
+        "budget (`lightning_dqa/calibration/allocation.py`); the image layer stays at 8 bits and counts against it. Compared at",  # noqa: E501  (a rendered line of docs/RESULTS.md)
         "the same measured bits per value with uniform direct quantization (section 3's curve) and fixed-ratio DQA",
         "(r = 0.4, m = 3 on every layer at n = 3, 4, 5; table 1), both interpolated; blank where outside a curve.",
         "",
@@ -504,7 +504,7 @@ def render(results: dict[str, Any], png: Path) -> str:
         "",
         "Measured bits per value = n-bit main codes + Huffman-coded shifting errors + per-sample side information",
         "(dynamic scales, 32 bits per channel; the code book), divided by the number of stored values",
-        "(`lightning_dqa/accounting.py`). Static scales are model constants stored once with the weights.",
+        "(`lightning_dqa/deploy/accounting.py`). Static scales are model constants stored once with the weights.",
         "",
         "## 1. The paper's table (3, 4, 5 bits)",
         "",

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lightning_dqa import DQACallback
-from lightning_dqa.config import PAPER_QUANTIZER
+from lightning_dqa.core.config import PAPER_QUANTIZER
 from lightning_dqa.demos.data import CIFAR10DataModule
 from lightning_dqa.demos.tasks import ImageClassifier, SegmentationModel
 

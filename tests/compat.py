@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dqa.attach import quantizers_of
+from lightning_dqa.core.attach import quantizers_of
 
 
 def random_images(n: int = 32, seed: int = 0, size: int = 32, classes: int = 10) -> TensorDataset:

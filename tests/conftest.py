@@ -57,3 +57,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_REAL_DATA = ("shared_dir", "cifar_root", "camvid_root", "resnet32_weights")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that reads ``../shared`` (real data or weights) ``slow``: ``-m "not slow"`` deselects them.
+
+    CI runs everything; the marker only lets a developer run the quick part while working.
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()  # e.g. request.getfixturevalue(param)
+        if any(name in getattr(item, "fixturenames", ()) or name in params for name in _REAL_DATA):
+            item.add_marker(pytest.mark.slow)

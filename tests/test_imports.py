@@ -20,7 +20,8 @@ def test_framework_free_api_loads_no_lightning():
     code = (
         "import lightning_dqa\n"
         "from lightning_dqa import DQAConfig, apply_artifact, calibrate, export_artifact, load_quantized, prepare\n"
-        "import lightning_dqa.functional, lightning_dqa.engine, lightning_dqa.export, lightning_dqa.selection\n"
+        "import lightning_dqa.core.functional, lightning_dqa.calibration.engine\n"
+        "import lightning_dqa.deploy.artifact, lightning_dqa.calibration.selection\n"
         "import torch\n"
         "model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))\n"
         "config = DQAConfig(bits=4, ranking='energy', first_layer_bits=None)\n"

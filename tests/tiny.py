@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -115,3 +118,24 @@ class TinyData(pl.LightningDataModule):
         if self.empty_calibration:
             return DataLoader(TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=8)
         return DataLoader(make_data(self.n, 3), batch_size=self.batch_size)
+
+
+# Shared by the checkpoint and ONNX tests.
+
+
+def fit_quantized(tmp_path: Path, model: TinyNet | None = None) -> tuple[Path, TinyNet]:
+    from lightning_dqa import DQACallback  # here: `from tiny import TinyNet` must not import lightning_dqa
+
+    model = model or TinyNet()
+    cb = DQACallback(bits=3, calibration_samples=64, ranking="energy", verbose=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        max_steps=3,
+        callbacks=[cb],
+    )
+    trainer.fit(model, datamodule=TinyData())
+    return Path(trainer.checkpoint_callback.best_model_path), model

@@ -23,14 +23,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_dqa.core._checks import is_int
+from lightning_dqa.core.widths import MAX_TOTAL_BITS, MIN_BITS
+
 __all__ = ["MAX_PACK_BITS", "MIN_PACK_BITS", "pack_codes", "packed_size", "unpack_codes"]
 
-MIN_PACK_BITS, MAX_PACK_BITS = 2, 16
+MIN_PACK_BITS, MAX_PACK_BITS = MIN_BITS, MAX_TOTAL_BITS  # any main code n, any n + m
 _GROUP = 8  # codes per group: 8 codes of `bits` bits are `bits` whole bytes
 
 
 def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_PACK_BITS <= bits <= MAX_PACK_BITS:
+    if not is_int(bits) or not MIN_PACK_BITS <= bits <= MAX_PACK_BITS:
         raise ValueError(f"Expected bits to be an int in [{MIN_PACK_BITS}, {MAX_PACK_BITS}], got {bits!r}")
 
 
@@ -113,7 +116,7 @@ def unpack_codes(payload: np.ndarray | bytes | Tensor, bits: int, signed: bool, 
 
     """
     _check_bits(bits)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if not is_int(count) or count < 0:
         raise ValueError(f"Expected count to be a non-negative int, got {count!r}")
     if isinstance(payload, Tensor):
         buf = payload.detach().cpu().numpy()

@@ -1,8 +1,8 @@
 """One activation tensor's DQA codes as self-describing bytes, and back.
 
-:func:`encode_activation` stores what :func:`lightning_dqa.functional.dqa_quantize` produces (``n``-bit main
+:func:`encode_activation` stores what :func:`lightning_dqa.core.functional.dqa_quantize` produces (``n``-bit main
 codes for every channel, ``m``-bit shifting errors for the important ones) and :func:`decode_activation`
-returns it (:mod:`lightning_dqa.codec.layer` does the same for a quantizer layer and a tensor).
+returns it (:mod:`lightning_dqa.deploy.layer_bytes` does the same for a quantizer layer and a tensor).
 
 Layout (version 2), little-endian, in this order:
 
@@ -26,7 +26,7 @@ checksum           uint32 CRC-32 of everything above
 Version 1 (no coder, no error-section size) is no longer read: its blobs fail with a message naming the versions.
 The code book is not stored (it is shared by every tensor of a layer); its CRC-32 is, so decoding with
 another book fails instead of returning wrong values. Memory figures come from the exact bit counts of
-:mod:`lightning_dqa.accounting`, not from the size of these blobs.
+:mod:`lightning_dqa.deploy.accounting`, not from the size of these blobs.
 
 Example:
     >>> import torch
@@ -69,6 +69,7 @@ from lightning_dqa.codec.layout import (
     read_parts,
     write_parts,
 )
+from lightning_dqa.core._checks import is_int
 
 __all__ = [
     "CODER_IDS",
@@ -101,7 +102,7 @@ def encode_activation(
     Args:
         main: integer ``n``-bit main codes, e.g. ``(N, C, H, W)``, channels on ``channel_dim``.
         error: integer shifting errors in ``[0, 2**m - 1]``, shaped like ``main`` with the channel axis cut to
-            the ``k`` important channels (as :func:`lightning_dqa.functional.dqa_quantize` returns them).
+            the ``k`` important channels (as :func:`lightning_dqa.core.functional.dqa_quantize` returns them).
         bits: ``n``, in ``[2, 16]``.
         extra_bits: ``m``, in ``[0, 16]``.
         signed: whether the main codes are signed.
@@ -152,7 +153,7 @@ def _check_layout(main: Tensor, error: Tensor, important: Tensor, channel_dim: i
         )
     if not 1 <= main.ndim <= 255:
         raise ValueError(f"Expected main to have 1 to 255 dimensions, got shape {tuple(main.shape)}")
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or not -main.ndim <= channel_dim < main.ndim:
+    if not is_int(channel_dim) or not -main.ndim <= channel_dim < main.ndim:
         raise ValueError(f"Expected channel_dim to be an int in [{-main.ndim}, {main.ndim - 1}], got {channel_dim!r}")
     cd = channel_dim % main.ndim
     channels = main.shape[cd]
@@ -171,7 +172,7 @@ def _check_layout(main: Tensor, error: Tensor, important: Tensor, channel_dim: i
 
 def _check_extra_bits(extra_bits: int, codebook: HuffmanCodebook) -> None:
     """``bits`` is checked by :func:`pack_codes`; ``m`` here, against the code book's alphabet."""
-    if isinstance(extra_bits, bool) or not isinstance(extra_bits, int) or not 0 <= extra_bits <= _MAX_EXTRA_BITS:
+    if not is_int(extra_bits) or not 0 <= extra_bits <= _MAX_EXTRA_BITS:
         raise ValueError(f"Expected extra_bits to be an int in [0, {_MAX_EXTRA_BITS}], got {extra_bits!r}")
     if codebook.num_symbols != 2**extra_bits:
         raise ValueError(

@@ -5,7 +5,7 @@ one walk over the activation; :func:`decode_values` unpacks, decodes the errors 
 all channels of the layer at once. Both run the C++ kernels of :mod:`.native` when they are available (float32
 CPU tensors, ``n + m <= 24``), and otherwise the reference numpy/torch path (:func:`functional.dqa_quantize`,
 :func:`.bitpack.pack_codes`, :func:`.huffman.encode` and their inverses), which gives the same bytes and the
-same values; ``tests/test_codec_bytepath.py`` checks that.
+same values; ``tests/codec/test_bytepath.py`` checks that.
 
 Why C++ through ctypes won (``python examples/bench_bytepath.py`` measures the four candidates side by side on
 ResNet-32's real activations): plain torch ops need one full-size pass per step (scale, round, clamp, cast,
@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_dqa import functional as F
 from lightning_dqa.codec.bitpack import pack_codes, packed_size, unpack_codes
 from lightning_dqa.codec.codebook import HuffmanCodebook
 from lightning_dqa.codec.decode import decode
 from lightning_dqa.codec.huffman import EncodedStream, encode
 from lightning_dqa.codec.native import native_library
+from lightning_dqa.core import functional as F
 
 __all__ = ["CodedActivation", "decode_values", "encode_values"]
 

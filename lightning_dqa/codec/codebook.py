@@ -31,6 +31,8 @@ from functools import cached_property
 import numpy as np
 from torch import Tensor
 
+from lightning_dqa.core._checks import is_int
+
 __all__ = ["MAX_CODE_LENGTH", "MAX_SYMBOLS", "HuffmanCodebook", "huffman_lengths_reference"]
 
 MAX_CODE_LENGTH = 16
@@ -221,7 +223,7 @@ class HuffmanCodebook:
             raise ValueError(f"Expected non-negative counts, got a minimum of {c.min()}")
         n = c.shape[0]
         min_len = max(1, (n - 1).bit_length())
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or not min_len <= max_len <= MAX_CODE_LENGTH:
+        if not is_int(max_len) or not min_len <= max_len <= MAX_CODE_LENGTH:
             raise ValueError(
                 f"Expected max_len to be an int in [{min_len}, {MAX_CODE_LENGTH}] for {n} symbols, got {max_len!r}"
             )

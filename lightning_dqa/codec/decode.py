@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lightning_dqa.codec.codebook import HuffmanCodebook
 from lightning_dqa.codec.huffman import EncodedStream
+from lightning_dqa.core._checks import is_int
 
 __all__ = ["decode"]
 
@@ -165,7 +166,7 @@ def _check_stream(stream: EncodedStream, codebook: HuffmanCodebook) -> tuple[np.
     """
     n, k, total = stream.count, stream.chunk_size, stream.bit_count
     for name, value, lo in (("count", n, 0), ("chunk_size", k, 1), ("bit_count", total, 0)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
+        if not is_int(value, numpy=True) or value < lo:
             raise ValueError(f"Corrupted stream: expected {name} to be an int >= {lo}, got {value!r}")
     n, k, total = int(n), int(k), int(total)
     payload = stream.payload

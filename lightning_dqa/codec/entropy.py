@@ -46,6 +46,7 @@ from lightning_dqa.codec.codebook import MAX_SYMBOLS, HuffmanCodebook
 from lightning_dqa.codec.decode import decode as huffman_decode
 from lightning_dqa.codec.huffman import DEFAULT_CHUNK_SIZE, EncodedStream, _as_symbols
 from lightning_dqa.codec.huffman import encode as huffman_encode
+from lightning_dqa.core._checks import is_int
 
 __all__ = [
     "CODERS",
@@ -81,7 +82,7 @@ def _as_counts(counts: np.ndarray | Tensor | list[int]) -> np.ndarray:
 
 
 def _check_count(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+    if not is_int(n, numpy=True) or n < 0:
         raise ValueError(f"Expected the symbol count n to be a non-negative int, got {n!r}")
 
 
@@ -179,7 +180,7 @@ class HuffmanCoder(ErrorCoder):
     name = "huffman"
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        if not is_int(chunk_size) or chunk_size < 1:
             raise ValueError(f"Expected chunk_size to be a positive int, got {chunk_size!r}")
         self.chunk_size = chunk_size
 

@@ -33,6 +33,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_dqa.codec.codebook import HuffmanCodebook
+from lightning_dqa.core._checks import is_int
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "EncodedStream", "bit_count", "encode", "symbol_counts"]
 
@@ -183,7 +184,7 @@ def encode(
         TypeError: for symbols that are not integers.
 
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"Expected chunk_size to be a positive int, got {chunk_size!r}")
     s = _as_symbols(symbols, codebook.num_symbols)
     n = int(s.shape[0])

@@ -12,6 +12,8 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_dqa.core._checks import is_int
+
 __all__ = ["DemoDataModule", "check_mean_std", "check_num_workers", "check_positive_int"]
 
 
@@ -19,14 +21,14 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     """Raise a ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or ``None`` with ``allow_none``)."""
     if allow_none and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         suffix = " or None" if allow_none else ""
         raise ValueError(f"Expected {name} to be a positive int{suffix}, got {value!r}")
 
 
 def check_num_workers(num_workers: Any) -> None:
     """Raise a ``ValueError`` unless ``num_workers`` is an int >= 0."""
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    if not is_int(num_workers) or num_workers < 0:
         raise ValueError(f"Expected num_workers to be an int >= 0, got {num_workers!r}")
 
 

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
+from lightning_dqa.core._checks import is_int
 from lightning_dqa.demos.data.base import DemoDataModule, check_mean_std, check_num_workers, check_positive_int
 from lightning_dqa.demos.data.root import resolve_root
 
@@ -327,7 +328,7 @@ class CamVidDataModule(DemoDataModule):
 
         """
         train = CamVidDataset(self.root, "train", self.eval_transform, self.limits["train"])
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(train):
+        if not is_int(n) or not 1 <= n <= len(train):
             raise ValueError(f"Expected n to be an int in [1, {len(train)}] (the training split), got {n!r}")
         picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         return Subset(train, picks)

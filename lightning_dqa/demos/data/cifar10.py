@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10
 
+from lightning_dqa.core._checks import is_int
 from lightning_dqa.demos.data.base import DemoDataModule, check_mean_std, check_num_workers, check_positive_int
 from lightning_dqa.demos.data.root import resolve_root
 
@@ -145,7 +146,7 @@ class CIFAR10DataModule(DemoDataModule):
         if self.val_split == "holdout" and self.holdout_size >= TRAIN_SIZE:
             raise ValueError(f"Expected holdout_size < {TRAIN_SIZE} (the training set), got {self.holdout_size}")
         check_mean_std(self.mean, self.std)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ValueError(f"Expected seed to be an int, got {self.seed!r}")
         root = Path(self.root)
         if not self.download and not (root / BASE_FOLDER).is_dir():

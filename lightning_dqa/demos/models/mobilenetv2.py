@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from torchvision.models import MobileNetV2
 
+from lightning_dqa.core._checks import is_int
+
 __all__ = ["CIFAR_INVERTED_RESIDUAL_SETTING", "mobilenetv2"]
 
 # (expansion t, output channels c, repeats n, stride s) per stage; torchvision's ImageNet strides are
@@ -51,7 +53,7 @@ def mobilenetv2(num_classes: int = 10, width_mult: float = 1.0, dropout: float =
         ValueError: if an argument is out of range.
 
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"Expected num_classes to be a positive int, got {num_classes!r}")
     if not width_mult > 0:
         raise ValueError(f"Expected width_mult to be > 0, got {width_mult!r}")

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_dqa.core._checks import is_int
+
 __all__ = [
     "BasicBlock",
     "CifarResNet",
@@ -124,7 +126,7 @@ class CifarResNet(nn.Module):
     def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
         super().__init__()
         for name, value in (("blocks_per_stage", blocks_per_stage), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"Expected {name} to be a positive int, got {value!r}")
         self.conv1 = nn.Conv2d(3, WIDTHS[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(WIDTHS[0])
@@ -177,7 +179,7 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
         ValueError: if ``depth`` is not of the form ``6n + 2``.
 
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+    if not is_int(depth) or depth < 8 or (depth - 2) % 6 != 0:
         raise ValueError(f"Expected depth to be 6n + 2 for an integer n >= 1 (e.g. 20, 32, 44, 56, 110), got {depth!r}")
     return CifarResNet((depth - 2) // 6, num_classes)
 

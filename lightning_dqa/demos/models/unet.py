@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_dqa.core._checks import is_int
+
 __all__ = ["UP_MODES", "DoubleConv", "UNet", "Up", "unet"]
 
 UpMode = Literal["transpose", "bilinear"]
@@ -123,7 +125,7 @@ class UNet(nn.Module):
             ("base_width", base_width),
             ("depth", depth),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"Expected {name} to be a positive int, got {value!r}")
         if up_mode not in UP_MODES:
             raise ValueError(f"Expected up_mode to be one of {list(UP_MODES)}, got {up_mode!r}")

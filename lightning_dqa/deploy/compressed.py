@@ -1,0 +1,400 @@
+"""Compressed inference: every quantized activation stored as a DQA blob, decoded when its layer reads it.
+
+:func:`run_compressed` runs a calibrated model (:func:`lightning_dqa.prepare` + :func:`lightning_dqa.calibrate`)
+through its :mod:`torch.fx` trace, step by step, under ``torch.no_grad()``:
+
+* a value read only by quantized layers (``where="input"``, the default: e.g. a ReLU output feeding a
+  convolution) is encoded with :func:`~lightning_dqa.codec.quantizer_to_bytes` as soon as it is produced, once
+  per reading layer; its full-precision tensor is dropped, and the layer decodes its blob when it runs
+  (:func:`~lightning_dqa.codec.bytes_to_values`);
+* a value that something else still reads in full precision (a residual shortcut, a concatenated skip, the
+  model input) is kept, and the quantized layer encodes and decodes it when it runs;
+* with ``where="output"`` a layer's output is encoded and decoded by the layer itself (BatchNorm and ReLU
+  read it next, in full precision);
+* NoisyQuant layers store the codes of ``x + N`` and subtract ``N`` after decoding; pass-through (``bits=0``)
+  and disabled quantizers leave their tensor in full precision.
+
+The output equals the fake-quantized forward bit for bit except for the sign of zeros (decoded zero codes are
+``+0.0``, fake quantization may give ``-0.0``): ``torch.equal(out + 0.0, model(x) + 0.0)``.
+
+The :class:`CompressedReport` gives each blob's bytes and the peak activation memory of the pass under the
+liveness rule of :mod:`lightning_dqa.deploy.liveness`, for three ways of storing the quantized activations: the blobs,
+uniform 8-bit codes (one byte per value) and full precision (the FP32 network).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_dqa import DQAConfig, calibrate, prepare
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+    >>> net = net.eval()
+    >>> cfg = DQAConfig(bits=3, ranking="energy", first_layer_bits=None)
+    >>> _ = prepare(net, cfg)
+    >>> x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    >>> _ = calibrate(net, cfg, [x], forward_fn=lambda m, b: m(b))
+    >>> out, report = run_compressed(net, x)
+    >>> with torch.no_grad():
+    ...     torch.equal(out + 0.0, net(x) + 0.0)
+    True
+    >>> report.fp32.nbytes > report.int8.nbytes > report.stored.nbytes
+    True
+
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from lightning_dqa.codec.entropy import DEFAULT_CODER
+from lightning_dqa.codec.layout import check_coder
+from lightning_dqa.core import functional as F
+from lightning_dqa.core.attach import output_hook, quantizers_of
+from lightning_dqa.core.fxgraph import LeafTracer
+from lightning_dqa.core.quantizers import ActivationQuantizer
+from lightning_dqa.deploy.layer_bytes import bytes_to_values, quantizer_to_bytes
+from lightning_dqa.deploy.liveness import Peak, QRead, Step, peak_memory
+
+__all__ = ["BlobRecord", "CompressedReport", "run_compressed"]
+
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Dropout, nn.Identity,
+)  # fmt: skip
+"""Module types that may run in place on their input (BatchNorm in eval mode is a per-channel affine map)."""
+ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset(
+    {operator.add, operator.iadd, operator.mul, operator.sub, torch.add, torch.mul, torch.relu, torch.sigmoid,
+     torch.tanh, TF.relu, TF.relu6, TF.hardtanh, TF.silu, TF.gelu, TF.dropout, "add", "mul", "relu", "sigmoid",
+     "tanh", "clamp"}
+)  # fmt: skip
+"""Functions (and method names) that may run in place on an operand of the output's size."""
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    """One stored activation blob.
+
+    Attributes:
+        layer: the quantized layer whose quantizer wrote it.
+        step: the fx node (step) that read it.
+        value: the fx node whose value it holds.
+        nbytes: the blob's length.
+        numel: activation values in it.
+        stored: ``True`` when it was made as the value was produced and its full-precision tensor dropped;
+            ``False`` when made by the reading layer from a value kept in full precision anyway.
+
+    """
+
+    layer: str
+    step: str
+    value: str
+    nbytes: int
+    numel: int
+    stored: bool
+
+
+@dataclass
+class CompressedReport:
+    """Outcome of :func:`run_compressed`: the blobs and the peak activation memory of the pass.
+
+    Attributes:
+        batch: images in the pass (the first dimension of the first input).
+        blobs: every blob written, in execution order.
+        steps: the recorded steps of the liveness analysis (:mod:`lightning_dqa.deploy.liveness`).
+        stored: peak with each quantized activation at its blob bytes.
+        int8: peak with each quantized activation at 8 bits per value (no header; static scales are model
+            constants and not counted).
+        fp32: peak of the same pass in full precision.
+
+    """
+
+    batch: int
+    blobs: list[BlobRecord]
+    steps: list[Step]
+    stored: Peak
+    int8: Peak
+    fp32: Peak
+
+    @property
+    def layer_bytes(self) -> dict[str, int]:
+        """Blob bytes per quantized layer (summed over its calls), in execution order."""
+        out: dict[str, int] = {}
+        for b in self.blobs:
+            out[b.layer] = out.get(b.layer, 0) + b.nbytes
+        return out
+
+    @property
+    def bits_per_value(self) -> float:
+        """Measured storage of the quantized activations: ``8 * sum(blob bytes) / sum(values)`` over all blobs.
+
+        Unlike ``dqa/bits_per_value`` of the memory meter (exact bit counts, code books counted once per
+        layer), this is what the bytes produced take, headers, chunk index and padding included.
+        """
+        return 8 * sum(b.nbytes for b in self.blobs) / max(sum(b.numel for b in self.blobs), 1)
+
+    def per_image(self) -> dict[str, float]:
+        """Peak bytes per image, ``{"fp32", "int8", "stored"}``: each peak over ``batch``.
+
+        Blob headers are shared by the batch, so a batch of one gives the exact figure.
+        """
+        return {k: getattr(self, k).nbytes / max(self.batch, 1) for k in ("fp32", "int8", "stored")}
+
+    def table(self) -> str:
+        """The per-layer blob bytes and the three peaks as an aligned text table."""
+        rows = [f"{'layer':<32}{'values':>10}{'blob B':>10}{'bits/val':>10}"]
+        for b in self.blobs:
+            rows.append(f"{b.layer[-32:]:<32}{b.numel:>10}{b.nbytes:>10}{8 * b.nbytes / max(b.numel, 1):>10.3f}")
+        for k, v in self.per_image().items():
+            rows.append(f"peak {k:<8}{v / 1024:>10.2f} KiB/image at {getattr(self, k).step}")
+        return "\n".join(rows)
+
+
+@dataclass
+class _Stored:
+    """A value held only as blobs, one per reading node."""
+
+    blobs: dict[fx.Node, bytes]
+    like: Tensor  # a zero-stride stand-in of the value's shape, dtype and device
+
+
+class _Codec:
+    """The forward hook on every active quantizer: writes the blob (or takes a stored one) and decodes it."""
+
+    def __init__(self, quantizers: dict[str, ActivationQuantizer], coder: str = DEFAULT_CODER) -> None:
+        self.coder = coder
+        self.names = {id(q): n for n, q in quantizers.items()}
+        self.preset: dict[int, bytes] = {}
+        self.step, self.value = "", ""
+        self.records: list[BlobRecord] = []
+        self.handles = [q.register_forward_hook(self.hook) for q in quantizers.values()]
+
+    def hook(self, q: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        q = cast(ActivationQuantizer, q)  # registered on quantizers only
+        blob = self.preset.pop(id(q), None)
+        stored = blob is not None
+        if blob is None:
+            blob = quantizer_to_bytes(q, args[0], coder=self.coder)
+        self.records.append(BlobRecord(self.names[id(q)], self.step, self.value, len(blob), output.numel(), stored))
+        return decode(q, blob)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def decode(q: ActivationQuantizer, blob: bytes) -> Tensor:
+    """``q(x)`` from the blob of :func:`~lightning_dqa.codec.quantizer_to_bytes` (NoisyQuant: minus its noise).
+
+    Args:
+        q: the quantizer that wrote the blob.
+        blob: its bytes.
+
+    Returns:
+        The values, e.g. ``(N, C, H, W)``, zeros unsigned.
+
+    """
+    values = bytes_to_values(q, blob)
+    noise = q.input_noise()
+    if noise is not None:  # the blob holds the codes of x + N
+        values = values - F.channel_view(noise.to(values.dtype), values.ndim, q.channel_dim)
+    return values
+
+
+@torch.no_grad()
+def run_compressed(
+    model: nn.Module, inputs: Tensor | tuple[Any, ...], coder: str = DEFAULT_CODER
+) -> tuple[Any, CompressedReport]:
+    """Run a calibrated model with its quantized activations stored as blobs; see the module docstring.
+
+    Args:
+        model: a model with calibrated quantizers (:func:`lightning_dqa.prepare` + :func:`lightning_dqa.calibrate`),
+            usually in eval mode; it must trace with :mod:`torch.fx` (quantized layers are kept as leaves).
+        inputs: the model's input, e.g. images ``(N, C, H, W)``, or a tuple of positional inputs.
+        coder: entropy coder of the shifting errors in every blob: ``huffman`` (the paper's, default), ``zstd``
+            or ``ans`` (:func:`~lightning_dqa.codec.quantizer_to_bytes`).
+
+    Returns:
+        ``(output, report)``: the model's output (as the fake-quantized forward gives it, up to the sign of
+        zeros) and the :class:`CompressedReport`.
+
+    Raises:
+        ValueError: when the model has no quantizer, a quantizing layer is not calibrated, has a
+            an ``fp_mask`` (its output is no function of stored codes), or the model does
+            not trace with :mod:`torch.fx`, or for an unknown ``coder``.
+        ImportError: for ``zstd`` or ``ans`` without their package (``pip install 'lightning-dqa[entropy]'``).
+
+    """
+    quantizers = _active_quantizers(model)
+    check_coder(coder, torch.ones(1))
+    layers = {id(q): model.get_submodule(name) for name, q in quantizers.items()}
+    try:
+        gm = fx.GraphModule(model, LeafTracer({id(m) for m in layers.values()}).trace(model))
+    except Exception as err:
+        raise ValueError(
+            f"run_compressed needs a model that torch.fx can trace, and {type(model).__name__} fails: "
+            f"{type(err).__name__}: {err}. Hint: make the data-dependent control flow a leaf module or a "
+            "torch.fx.wrap'ed function"
+        ) from err
+    readers = {
+        node: name
+        for node in gm.graph.nodes
+        for name, q in quantizers.items()
+        if node.op == "call_module" and gm.get_submodule(str(node.target)) is layers[id(q)]
+        and output_hook not in layers[id(q)]._forward_hooks.values()
+    }  # fmt: skip
+    args = tree_map(_own_storage, inputs if isinstance(inputs, tuple) else (inputs,))
+    codec = _Codec(quantizers, coder)
+    try:
+        output, steps = _Runner(gm, readers, quantizers, codec).run(args)
+    finally:
+        codec.remove()
+    first = next((t for t in tree_leaves(args) if isinstance(t, Tensor) and t.ndim), None)
+    report = CompressedReport(
+        batch=1 if first is None else int(first.shape[0]),
+        blobs=codec.records,
+        steps=steps,
+        stored=peak_memory(steps, lambda r: r.nbytes),
+        int8=peak_memory(steps, lambda r: r.numel),
+        fp32=peak_memory(steps),
+    )
+    return output, report
+
+
+def _own_storage(t: Any) -> Any:
+    """``t``, copied when it views a larger storage (``batch[:1]``): the liveness counts an input's storage."""
+    if isinstance(t, Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.clone()
+    return t
+
+
+def _active_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
+    """The quantizers that write codes (enabled, not pass-through), checked; by layer name."""
+    installed = quantizers_of(model)
+    if not installed:
+        raise ValueError(
+            f"Expected a model with quantizers (lightning_dqa.prepare), found none in {type(model).__name__}"
+        )
+    active = {n: q for n, q in installed.items() if q.enabled and not q.passthrough}
+    for name, q in active.items():
+        if not bool(q.calibrated):
+            raise ValueError(f"Layer {name!r} is not calibrated: run lightning_dqa.calibrate(model, ...) first")
+        if q.fp_mask is not None:
+            raise ValueError(
+                f"Layer {name!r} has an fp_mask, so its output is no function of stored codes; "
+                "remove them (the greedy search sets fp_mask only while it runs)"
+            )
+    return active
+
+
+class _Runner:
+    """Runs the graph node by node, stores what only quantized layers read, and records the liveness steps."""
+
+    def __init__(
+        self, gm: fx.GraphModule, readers: Mapping[fx.Node, str], quantizers: dict[str, ActivationQuantizer],
+        codec: _Codec,
+    ) -> None:  # fmt: skip
+        self.gm, self.readers, self.quantizers, self.codec = gm, readers, quantizers, codec
+        self.interp = fx.Interpreter(gm)
+        self.nodes = list(gm.graph.nodes)
+        self.env: dict[fx.Node, Any] = {}
+
+    def run(self, args: tuple[Any, ...]) -> tuple[Any, list[Step]]:
+        """Returns ``(output, steps)``."""
+        last = {n: i for i, n in enumerate(self.nodes)}
+        for i, node in enumerate(self.nodes):
+            for arg in node.all_input_nodes:
+                last[arg] = i
+        dead: dict[int, list[fx.Node]] = {}
+        for n, i in last.items():
+            dead.setdefault(i, []).append(n)
+        steps, placeholders, output = [], iter(args), None
+        for i, node in enumerate(self.nodes):
+            qreads: tuple[QRead, ...] = ()
+            if node.op == "placeholder":
+                value = next(placeholders)
+            elif node.op == "output":
+                value = output = fx.node.map_arg(node.args[0], lambda n: self.env[n])
+            else:
+                value, qreads = self._call(node)
+            steps.append(self._step(node, value, qreads))
+            self.env[node] = self._store(node, value) if self._storable(node) else value
+            for n in dead.get(i, []):
+                self.env.pop(n, None)
+        return output, steps
+
+    def _call(self, node: fx.Node) -> tuple[Any, tuple[QRead, ...]]:
+        """Run one node; a quantized reader of a stored value gets a stand-in and decodes its own blob."""
+        layer = self.readers.get(node)
+        source = node.args[0] if layer is not None and node.args else None
+        held = self.env.get(source) if isinstance(source, fx.Node) else None
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self._read(n))
+        if isinstance(held, _Stored):
+            self.codec.preset[id(self.quantizers[layer])] = held.blobs[node]  # type: ignore[index]
+            args = (held.like, *args[1:])
+        self.codec.step = node.name
+        self.codec.value = source.name if isinstance(source, fx.Node) else node.name
+        before = len(self.codec.records)
+        value = getattr(self.interp, node.op)(node.target, args, kwargs)
+        qreads = tuple(
+            QRead(str(self.codec.value), r.nbytes, r.numel, r.layer)
+            for r in self.codec.records[before:]
+            if layer is not None
+        )
+        return value, qreads
+
+    def _read(self, node: fx.Node) -> Any:
+        value = self.env[node]
+        return value.like if isinstance(value, _Stored) else value
+
+    def _storable(self, node: fx.Node) -> bool:
+        """Whether only quantized layers read the value (as their quantized input): then only blobs are kept."""
+        return (
+            node.op not in ("placeholder", "output")
+            and bool(node.users)
+            and all(u in self.readers and u.args[0] is node and node not in u.args[1:] for u in node.users)
+            and isinstance(self.env.get(node, None), Tensor | type(None))
+        )
+
+    def _store(self, node: fx.Node, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        blobs = {u: quantizer_to_bytes(self.quantizers[self.readers[u]], value) for u in node.users}
+        like = torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
+        return _Stored(blobs, like)
+
+    def _step(self, node: fx.Node, value: Any, qreads: tuple[QRead, ...]) -> Step:
+        """The liveness record of a node: its new bytes, the storage it shares, what it reads."""
+        outs = [t for t in tree_leaves(value) if isinstance(t, Tensor)]
+        inputs: dict[int, str] = {}
+        for arg in node.all_input_nodes:
+            held = self.env.get(arg)
+            for t in tree_leaves(held) if not isinstance(held, _Stored) else []:
+                if isinstance(t, Tensor) and t.numel():
+                    inputs.setdefault(t.untyped_storage().data_ptr(), arg.name)
+        alias, new = None, {}
+        for t in outs:
+            ptr = t.untyped_storage().data_ptr()
+            if t.numel() and ptr in inputs:
+                alias = alias or inputs[ptr]
+            elif t.numel():
+                new[ptr] = t.untyped_storage().nbytes()
+        quantized = {r.value for r in qreads}
+        has_data = bool(outs) or node.op == "output"
+        reads = tuple(a.name for a in node.all_input_nodes if has_data and a.name not in quantized)
+        return Step(
+            node.name, reads, qreads, sum(new.values()), alias, _elementwise(self.gm, node), node.op == "placeholder"
+        )
+
+
+def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), ELEMENTWISE_MODULES)
+    if node.op in ("call_function", "call_method"):
+        return node.target in ELEMENTWISE_FUNCTIONS
+    return False

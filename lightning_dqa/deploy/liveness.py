@@ -1,0 +1,213 @@
+"""Peak activation memory of one forward pass: a liveness analysis over the steps of a graph, in execution order.
+
+The analysis knows nothing about models or quantizers; :mod:`lightning_dqa.deploy.compressed` records the
+:class:`Step` list of a real pass (from a :mod:`torch.fx` trace) and calls :func:`peak_memory` once per way of
+storing the quantized activations (full precision, 8-bit codes, the DQA blobs).
+
+The rule:
+
+1. **Buffers.** A step that produces a tensor allocates a buffer of its size in bytes, except
+   (a) a *view* or an *in-place* op, whose output shares the storage of a value it reads (``alias``; seen at run
+   time by comparing storages), and (b) an *elementwise* op (BatchNorm in eval, activations, ``+``) whose read
+   value has the same size and is read by no later step: it runs in place, as a deployment fuses conv-BN-ReLU
+   and writes a residual sum into one of its operands. Model inputs are never written in place.
+2. **Liveness.** A buffer is live from the step that allocates it to the last step that reads any value stored
+   in it (the model outputs are read by the final ``output`` step, so they stay live to the end). A step that
+   produces no tensor (``x.shape``) reads metadata only: the recorder lists no reads for it.
+3. **Quantized reads.** A read through a quantizer (:class:`QRead`) needs the value's codes, not its full
+   precision copy. When the buffer is still live in full precision at the reading step (a residual shortcut, a
+   concatenated skip, the model input), nothing more is counted: the layer quantizes that copy as it reads it.
+   Otherwise the codes are made when the value is produced, its full-precision buffer ends there, and the codes
+   live until the reading step. The producing step holds both copies when it writes into an existing buffer
+   (a ReLU run in place after conv-BN); a step that allocates a value read only through quantizers (a pooling,
+   a concatenation) writes the codes directly and holds no full-precision copy. Decoding is taken as fused
+   into the reading layer: the decoded values are not counted (a runtime that decodes a whole tensor before
+   the layer runs adds one full-precision copy of that input at that step).
+4. **Peak.** The live bytes of a step are the sizes of the buffers and codes live at it; the peak is their
+   maximum over the steps. Weights, buffers of the model and workspace of the kernels are not activations and
+   are not counted.
+
+Example:
+    >>> steps = [Step("x", nbytes=12, is_input=True), Step("conv", reads=("x",), nbytes=32),
+    ...          Step("relu", reads=("conv",), nbytes=32, elementwise=True), Step("output", reads=("relu",))]
+    >>> peak_memory(steps).nbytes  # x and the conv output; the ReLU runs in place
+    44
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["Peak", "QRead", "Step", "peak_memory"]
+
+
+@dataclass(frozen=True)
+class QRead:
+    """A read of ``value`` through a quantizer: the reading step needs the value's codes.
+
+    Attributes:
+        value: name of the step that produced the value.
+        nbytes: bytes of the stored codes (a blob's length).
+        numel: values in the tensor (for a width-based count, e.g. 8 bits per value).
+        layer: the quantized layer that reads it.
+
+    """
+
+    value: str
+    nbytes: int
+    numel: int
+    layer: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the execution order: an fx node.
+
+    Attributes:
+        name: unique name (the node's).
+        reads: values read in full precision (names of earlier steps).
+        qreads: values read through a quantizer.
+        nbytes: bytes of the new storage the step's tensor output needs; 0 for no tensor.
+        alias: the read value whose storage the output shares (a view or an in-place op), else ``None``.
+        elementwise: may run in place on a read value of the same size that no later step reads.
+        is_input: a model input (allocated before the pass, never written in place).
+
+    """
+
+    name: str
+    reads: tuple[str, ...] = ()
+    qreads: tuple[QRead, ...] = ()
+    nbytes: int = 0
+    alias: str | None = None
+    elementwise: bool = False
+    is_input: bool = False
+
+
+@dataclass
+class Peak:
+    """The peak of :func:`peak_memory`.
+
+    Attributes:
+        nbytes: the largest live bytes over the steps.
+        step: the first step where it is reached.
+        live: what is live there, ``(description, bytes)``, largest first.
+        per_step: the live bytes of every step, in execution order.
+        live_layers: the quantized layers whose codes are live there (:attr:`QRead.layer`), in read order.
+
+    """
+
+    nbytes: int
+    step: str
+    live: list[tuple[str, int]] = field(default_factory=list)
+    per_step: list[int] = field(default_factory=list)
+    live_layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Buffer:
+    size: int
+    start: int
+    owner: str
+    is_input: bool
+    values: list[str] = field(default_factory=list)
+
+
+def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | None = None) -> Peak:
+    """Peak live activation bytes of ``steps`` under the module's rule.
+
+    Args:
+        steps: the pass in execution order; names unique, reads refer to earlier steps.
+        codes_bytes: bytes stored for a quantized read, e.g. ``lambda r: r.nbytes`` (the blobs) or
+            ``lambda r: r.numel`` (8-bit codes); ``None`` reads every quantized value in full precision (the
+            FP32 network).
+
+    Returns:
+        The :class:`Peak`.
+
+    Raises:
+        ValueError: for a duplicate name or a read of a value no earlier step produced.
+
+    """
+    index = _check(steps)
+    last = _last_reads(steps, index)
+    buffer_of, buffers = _plan_buffers(steps, last)
+    with_fp = codes_bytes is None
+    spans: list[tuple[str, int, int, int, str]] = []  # (what, bytes, first step, last step, layer of codes or "")
+    fp_end = {id(b): _end(b, steps, index, last, with_fp) for b in buffers}
+    coded = {r.value for s in steps for r in s.qreads} if codes_bytes is not None else set()
+    for b in buffers:
+        if not (fp_end[id(b)] == b.start and not b.is_input and b.owner in coded):  # else written as codes at once
+            what = b.owner if len(b.values) == 1 else f"{b.owner}..{b.values[-1]}"
+            spans.append((f"{what} (full precision)", b.size, b.start, fp_end[id(b)], ""))
+    if codes_bytes is not None:
+        for i, step in enumerate(steps):
+            for r in step.qreads:
+                if fp_end[id(buffer_of[r.value])] < i:  # else the layer quantizes the live copy on the fly
+                    what = f"{r.value} -> {r.layer or step.name} (codes)"
+                    spans.append((what, codes_bytes(r), index[r.value], i, r.layer))
+    per_step = [sum(size for _, size, lo, hi, _ in spans if lo <= i <= hi) for i in range(len(steps))]
+    at = max(range(len(steps)), key=lambda i: (per_step[i], -i)) if steps else 0
+    live = sorted(((what, size) for what, size, lo, hi, _ in spans if lo <= at <= hi), key=lambda t: -t[1])
+    layers = [layer for _, _, lo, hi, layer in spans if layer and lo <= at <= hi]
+    return Peak(per_step[at] if steps else 0, steps[at].name if steps else "", live, per_step, layers)
+
+
+def _check(steps: Sequence[Step]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        if step.name in index:
+            raise ValueError(f"Expected unique step names, got {step.name!r} twice")
+        for name in (*step.reads, *(r.value for r in step.qreads), *([step.alias] if step.alias else [])):
+            if name not in index:
+                raise ValueError(f"Step {step.name!r} reads {name!r}, which no earlier step produced")
+        index[step.name] = i
+    return index
+
+
+def _last_reads(steps: Sequence[Step], index: dict[str, int]) -> dict[str, int]:
+    """Last step reading each value, quantized reads included (a value never read: its own step)."""
+    last = {s.name: i for i, s in enumerate(steps)}
+    for i, step in enumerate(steps):
+        for name in (*step.reads, *(r.value for r in step.qreads)):
+            last[name] = max(last[name], i)
+    return last
+
+
+def _plan_buffers(steps: Sequence[Step], last: dict[str, int]) -> tuple[dict[str, _Buffer], list[_Buffer]]:
+    """The buffer of every tensor value: new, shared with an alias, or reused in place by an elementwise op."""
+    buffer_of: dict[str, _Buffer] = {}
+    buffers: list[_Buffer] = []
+    for i, step in enumerate(steps):
+        target = buffer_of.get(step.alias) if step.alias is not None else None
+        if target is None and step.elementwise and step.nbytes > 0:
+            target = next((buffer_of[r] for r in step.reads if _reusable(buffer_of.get(r), step, i, last)), None)
+        if target is None and step.nbytes > 0:
+            target = _Buffer(step.nbytes, i, step.name, step.is_input)
+            buffers.append(target)
+        if target is not None:
+            target.values.append(step.name)
+            buffer_of[step.name] = target
+    return buffer_of, buffers
+
+
+def _reusable(b: _Buffer | None, step: Step, i: int, last: dict[str, int]) -> bool:
+    return b is not None and not b.is_input and b.size == step.nbytes and all(last[v] <= i for v in b.values)
+
+
+def _end(b: _Buffer, steps: Sequence[Step], index: dict[str, int], last: dict[str, int], with_qreads: bool) -> int:
+    """Last step that needs the buffer in full precision (quantized reads count only for the FP32 network)."""
+    end = b.start
+    for v in b.values:
+        end = max(end, index[v])
+    names = set(b.values)
+    for i, step in enumerate(steps):
+        if i <= end:
+            continue
+        reads = set(step.reads)
+        if with_qreads or b.is_input:
+            reads |= {r.value for r in step.qreads}
+        if reads & names:
+            end = i
+    return end

@@ -1,0 +1,266 @@
+"""The callback on ordinary user projects: loaders passed straight to the Trainer, fit-only datamodules, dict
+batches with other key names, models returning tuples or dicts, predict, and each kind of progress bar."""
+
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from tiny import TinyNet, make_data, quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_dqa import DQACallback
+from lightning_dqa.core.attach import quantizers_of
+from lightning_dqa.integration.data import split_batch
+from lightning_dqa.integration.progress import CalibrationProgress
+
+
+def trainer(**kw) -> Trainer:
+    return quiet_trainer(**kw)
+
+
+def calibrated(model: nn.Module) -> bool:
+    qs = quantizers_of(model).values()
+    return bool(qs) and all(bool(q.calibrated) and q.enabled for q in qs)
+
+
+class BareNet(pl.LightningModule):
+    """A module with steps but no dataloader methods, as users write when they pass loaders to the Trainer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet().net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def loader(n: int = 96, seed: int = 1, batch_size: int = 32) -> DataLoader:
+    return DataLoader(make_data(n, seed), batch_size=batch_size)
+
+
+def test_validate_with_loaders_passed_straight_to_the_trainer():
+    model, cb = BareNet(), DQACallback(bits=4, calibration_samples=64)
+    with pytest.warns(UserWarning, match="calibrates on the validation loaders"):
+        trainer(callbacks=[cb]).validate(model, dataloaders=loader())
+    assert cb.report is not None and cb.report.samples == 64 and calibrated(model)
+
+
+def test_test_with_loaders_passed_straight_and_calibration_source_val():
+    model, cb = BareNet(), DQACallback(bits=4, calibration_samples=64, calibration_source="val")
+    with pytest.warns(UserWarning, match="calibrates on the test loaders"):
+        trainer(callbacks=[cb]).test(model, dataloaders=loader())
+    assert cb.report is not None and cb.report.samples == 64 and calibrated(model)
+
+
+def test_fit_with_train_loaders_passed_straight_calibrates_on_them():
+    model, cb = BareNet(), DQACallback(bits=4, calibration_samples=64, ranking="fisher")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks=[cb], max_steps=2).fit(model, train_dataloaders=loader(256, 0))
+    assert not [w for w in caught if "DQACallback" in str(w.message)]  # no fallback: the training loaders serve
+    assert cb.report is not None and cb.report.samples == 64 and calibrated(model)
+
+
+class FitOnlyData(pl.LightningDataModule):
+    """The usual datamodule: ``setup`` builds the training set for ``fit`` only."""
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_set = make_data(128, 0)
+        self.val_set = make_data(96, 1)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=32)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=32)
+
+
+def test_fit_only_datamodule_falls_back_to_the_validation_data_and_says_why():
+    model, cb = BareNet(), DQACallback(bits=4, calibration_samples=64)
+    with pytest.warns(UserWarning, match=r"FitOnlyData\.train_dataloader\(\) raised AttributeError"):
+        trainer(callbacks=[cb]).validate(model, datamodule=FitOnlyData())
+    assert cb.report is not None and calibrated(model)
+
+
+class DictData(Dataset):
+    def __init__(self, keys: tuple[str, str], n: int = 64) -> None:
+        self.data, self.keys = make_data(n, 1), keys
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.data[i]
+        return {self.keys[0]: x, self.keys[1]: y}
+
+
+class TupleOutputNet(BareNet):
+    """Returns ``(logits, features)`` or a dict, and reads dict batches."""
+
+    def __init__(self, output: str, keys: tuple[str, str]) -> None:
+        super().__init__()
+        self.output, self.keys = output, keys
+
+    def forward(self, x: torch.Tensor):
+        features = self.net[:-1](x)
+        logits = self.net[-1](features)
+        return (logits, features) if self.output == "tuple" else {"features": features, "logits": logits}
+
+    def validation_step(self, batch, batch_idx):
+        out = self(batch[self.keys[0]])
+        logits = out[0] if self.output == "tuple" else out["logits"]
+        self.log("val/loss", F.cross_entropy(logits, batch[self.keys[1]]))
+
+
+@pytest.mark.parametrize("keys", [("img", "target"), ("pixel_values", "labels"), ("image", "mask")])
+@pytest.mark.parametrize("output", ["tuple", "dict"])
+def test_dict_batches_and_tuple_or_dict_outputs(keys, output):
+    model = TupleOutputNet(output, keys)
+    cb = DQACallback(bits=4, calibration_samples=64, ranking="fisher", calibration_source="val", fp32_baseline=True)
+    trainer(callbacks=[cb]).validate(model, dataloaders=DataLoader(DictData(keys), batch_size=16))
+    assert cb.report is not None and calibrated(model)
+    assert cb.fp32_metric is not None and 0.0 <= cb.fp32_metric <= 1.0
+
+
+def test_dict_batch_without_known_keys_names_found_and_accepted_keys():
+    with pytest.raises(TypeError, match=r"keys \['feats', 'y_true'\].*pixel_values.*split_batch"):
+        split_batch({"feats": torch.zeros(2), "y_true": torch.zeros(2)})
+
+
+def test_predict_without_calibration_is_refused():
+    with pytest.raises(RuntimeError, match="predict found no calibrated quantizers"):
+        trainer(callbacks=[DQACallback(bits=4)]).predict(BareNet(), dataloaders=loader())
+
+
+def test_predict_after_validate_predicts_with_the_quantized_model():
+    model, cb = BareNet(), DQACallback(bits=3, calibration_samples=64, calibration_source="val")
+    t = trainer(callbacks=[cb])
+    t.validate(model, dataloaders=loader())
+    preds = torch.cat(t.predict(model, dataloaders=loader()))
+    x = torch.cat([b[0] for b in loader()])
+    model.eval()
+    with torch.no_grad():
+        quantized = model(x)
+        for q in quantizers_of(model).values():
+            q.enabled = False
+        full = model(x)
+    assert torch.equal(preds, quantized) and not torch.equal(preds, full)
+
+
+class RecordingProgress(CalibrationProgress):
+    kinds: ClassVar[list[str]] = []
+
+    def close(self) -> None:
+        RecordingProgress.kinds.append(self.kind)
+        super().close()
+
+
+@pytest.mark.parametrize(
+    ("bar", "kind"), [(TQDMProgressBar, "tqdm"), (RichProgressBar, "rich"), (None, "none")]
+)
+def test_calibration_shows_in_whichever_progress_bar_the_trainer_has(monkeypatch, bar, kind):
+    pytest.importorskip("rich")
+    monkeypatch.setattr("lightning_dqa.integration.callback.CalibrationProgress", RecordingProgress)
+    RecordingProgress.kinds = []
+    callbacks = [DQACallback(bits=4, calibration_samples=64, calibration_source="val")]
+    extra = dict(enable_progress_bar=False) if bar is None else dict(enable_progress_bar=True)
+    if bar is not None:
+        callbacks.append(bar())
+    trainer(callbacks=callbacks, **extra).validate(BareNet(), dataloaders=loader())
+    assert RecordingProgress.kinds == [kind]
+
+
+class NaNAfterCalibration(BareNet):
+    """Feeds a non-finite value into the second conv at evaluation time, after calibration saw clean data."""
+
+    poison: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net[:3](x)
+        if self.poison is not None:
+            x = x.clone()
+            x[:, 0, 0, 0] = self.poison  # one value per sample
+        return self.net[3:](x)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_activations_at_evaluation_are_named_by_layer(value):
+    model = NaNAfterCalibration()
+    cb = DQACallback(bits=4, calibration_samples=64, calibration_source="val", measure_memory=False)
+    t = trainer(callbacks=[cb])
+    t.validate(model, dataloaders=loader())
+    model.poison = value
+    with pytest.raises(ValueError, match=r"NaN or Inf activations reached the quantized layers \['net\.3'"):
+        t.validate(model, dataloaders=loader())
+    cb_off = DQACallback(bits=4, calibration_samples=64, calibration_source="val", check_finite=False)
+    trainer(callbacks=[cb_off]).validate(model, dataloaders=loader())  # switched off: no error
+
+
+def test_fewer_calibration_samples_than_asked_for_says_so():
+    cb = DQACallback(bits=4, calibration_samples=1000, calibration_source="val")
+    with pytest.warns(UserWarning, match=r"calibrated on 96 samples, fewer than calibration_samples=1000"):
+        trainer(callbacks=[cb]).validate(BareNet(), dataloaders=loader(96))
+
+
+def test_an_empty_validation_loader_says_nothing_was_calibrated():
+    empty = DataLoader(make_data(96, 1), batch_size=32)
+    with pytest.warns(UserWarning, match="validate ran no batches, so nothing was calibrated"):
+        trainer(callbacks=[DQACallback(bits=4)], limit_val_batches=0).validate(BareNet(), dataloaders=empty)
+
+
+def test_loaders_with_a_distributed_sampler_are_not_sharded_again():
+    from torch.utils.data import DistributedSampler
+
+    from lightning_dqa.integration.distributed import rank_shard
+
+    class Identity:
+        def batch_to_device(self, batch):
+            return batch
+
+    data = make_data(64, 0)
+    sharded = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    assert len(list(rank_shard(sharded, Identity(), world=2, rank=1))) == 4  # all of this rank's 32 samples
+    plain = DataLoader(data, batch_size=8)
+    assert len(list(rank_shard(plain, Identity(), world=2, rank=1))) == 4  # every other of 8 batches
+
+
+def test_measured_peak_memory_is_logged_at_test_time():
+    from lightning_dqa.deploy.compressed import run_compressed
+
+    model = BareNet()
+    cb = DQACallback(bits=3, calibration_samples=64, calibration_source="val", measure_peak_memory=True)
+    t = trainer(callbacks=[cb])
+    t.test(model, dataloaders=loader())
+    logged = {k: float(t.callback_metrics[f"dqa/peak_{k}_kib_per_image"]) for k in ("stored", "int8", "fp32")}
+    assert 0 < logged["stored"] <= logged["int8"] <= logged["fp32"]
+    _, report = run_compressed(model.eval(), next(iter(loader()))[0][:1])
+    assert logged == pytest.approx({k: v / 1024 for k, v in report.per_image().items()})
+    # the logged bits per value are the bytes the blobs really took
+    values = sum(b.numel for b in report.blobs)
+    want = 8 * sum(b.nbytes for b in report.blobs) / values
+    assert float(t.callback_metrics["dqa/stored_bits_per_value"]) == pytest.approx(want, rel=1e-6)
+    assert want == report.bits_per_value
