@@ -1,7 +1,13 @@
 // Fused DQA byte path: one pass from float32 activations to packed main codes + Huffman-coded shifting
-// errors, and one pass back to float32 values. Compiled at first use by lightning_dqa/codec/native.py
-// (g++ -O3, no fast-math, no FP contraction) and called through ctypes; the pure numpy/torch path in
-// lightning_dqa/codec/blob.py and layer.py writes the same bytes and is the reference.
+// errors, and one pass back to float32 values. Built at install time by setup.py (or, in a source tree
+// without that build, at first use by lightning_dqa/codec/native.py) with portable flags (g++ -O3, no
+// -march=native, no fast-math, no FP contraction; lightning_dqa/codec/_build.py) and called through ctypes;
+// the pure numpy/torch path in lightning_dqa/codec/blob.py and layer.py writes the same bytes and is the
+// reference.
+//
+// dqa_abi() reports the exported signatures, derived by the compiler from the functions' own types, so the
+// Python binding builds its ctypes argument lists from it and refuses a library whose signatures differ
+// from the calls it makes (native.py). Bump DQA_ABI_VERSION when an argument's meaning changes but not its type.
 //
 // Layout of the tensor: (outer, C, inner) row-major, channel axis in the middle. Main codes are n-bit
 // fields, most significant bit first, row-major over the whole tensor; the errors of the important
@@ -12,8 +18,15 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
+#include <type_traits>
 #include <thread>
 #include <vector>
+
+#define DQA_ABI_VERSION 1
+#ifndef DQA_SOURCE_SHA
+#define DQA_SOURCE_SHA "unknown"  // setup.py and native.py pass the hash of this file
+#endif
 
 namespace {
 
@@ -438,5 +451,48 @@ int dqa_decode(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in
     if (sym_table != nullptr && P[parts - 1].end != err_bits) return 3;
     return 0;
 }
+
+}  // extern "C"
+
+namespace {
+
+// The ABI name of each argument type; an unlisted type fails to compile, so every type is named.
+template <typename T>
+struct AbiName;
+template <>
+struct AbiName<int32_t> { static std::string get() { return "i32"; } };
+template <>
+struct AbiName<int64_t> { static std::string get() { return "i64"; } };
+template <>
+struct AbiName<uint8_t> { static std::string get() { return "u8"; } };
+template <>
+struct AbiName<uint32_t> { static std::string get() { return "u32"; } };
+template <>
+struct AbiName<float> { static std::string get() { return "f32"; } };
+template <typename T>
+struct AbiName<T*> { static std::string get() { return AbiName<std::remove_const_t<T>>::get() + "*"; } };
+
+// "name(arg,arg,...)->ret" from the function's type.
+template <typename R, typename... A>
+std::string signature(const char* name, R (*)(A...)) {
+    const std::string args[] = {AbiName<A>::get()...};
+    std::string s = std::string(name) + "(";
+    for (size_t i = 0; i < sizeof...(A); ++i) s += (i ? "," : "") + args[i];
+    return s + ")->" + AbiName<R>::get();
+}
+
+}  // namespace
+
+extern "C" {
+
+// "v<version>;dqa_encode(...)->i32;dqa_decode(...)->i32": what native.py checks before binding.
+const char* dqa_abi() {
+    static const std::string abi = "v" + std::to_string(DQA_ABI_VERSION) + ";" +
+                                   signature("dqa_encode", &dqa_encode) + ";" + signature("dqa_decode", &dqa_decode);
+    return abi.c_str();
+}
+
+// The sha256 prefix of the source this library was built from (native.py skips a stale bundled build).
+const char* dqa_source_sha() { return DQA_SOURCE_SHA; }
 
 }  // extern "C"
