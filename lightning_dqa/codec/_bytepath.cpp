@@ -24,6 +24,19 @@
 #include <vector>
 
 #define DQA_ABI_VERSION 1
+
+// The two walks are compiled twice on x86-64 Linux, for the baseline ISA and for AVX2, and the loader picks the
+// one the CPU runs (GCC/Clang target_clones, an ifunc): the portable build gets most of -march=native's speed
+// (examples/bench_native_flags.py) with the same bytes, since every per-value operation is exact IEEE
+// arithmetic whatever the vector width. -DDQA_NO_MULTIVERSION builds the baseline only.
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute) && !defined(DQA_NO_MULTIVERSION)
+#if __has_attribute(target_clones)
+#define DQA_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef DQA_CLONES
+#define DQA_CLONES
+#endif
 #ifndef DQA_SOURCE_SHA
 #define DQA_SOURCE_SHA "unknown"  // setup.py and native.py pass the hash of this file
 #endif
@@ -105,6 +118,19 @@ struct Layout {
 
 // --------------------------------------------------------------------------------------------- encoding
 // Write `count` n-bit codes (two's complement, masked): 8 per put for n <= 4, 4 for n <= 8, else one by one.
+// std::nearbyint(v) in round-to-nearest (ties to even, as torch.round), written with SSE2 arithmetic so that the
+// portable x86-64 build vectorizes it (nearbyint is a libm call below SSE4.1). |v| + 2^23 has a unit ulp for
+// |v| < 2^23, so the addition rounds |v| to an integer and the subtraction is exact; from 2^23 up every float
+// is an integer already. Needs IEEE evaluation: no -ffast-math (it would fold (a + 2^23) - 2^23 to a); with
+// -fno-trapping-math (no value changes) the compiler vectorizes the compare-and-select. Checked equal to
+// std::nearbyint for all 2^32 float bit patterns (baseline and -march=native builds).
+inline float round_half_even(float v) {
+    const float two23 = 8388608.0f;
+    const float a = std::fabs(v);
+    const float r = (a + two23) - two23;  // computed for every lane, then selected: the loop stays branch-free
+    return std::copysign(a < two23 ? r : a, v);  // NaN: a is NaN
+}
+
 inline void put_codes(Writer& w, const int32_t* sc, int64_t count, int n, int32_t nmask) {
     int64_t i = 0;
     if (n <= 4) {
@@ -147,6 +173,7 @@ struct PairTable {
     }
 };
 
+DQA_CLONES
 void encode_part(const float* x, const Layout& L, const float* inv_n, const float* inv_hi, const uint32_t* hcodes,
                  const uint8_t* hlens, const PairTable* pairs, int64_t chunk, EncodePart& P) {
     const int n = L.n, m = L.m;
@@ -167,11 +194,11 @@ void encode_part(const float* x, const Layout& L, const float* inv_n, const floa
             const bool imp = L.important[c] != 0;
             const float inv = imp ? inv_hi[c] : inv_n[c], lo = imp ? lo_h : lo_n, hi = imp ? hi_h : hi_n;
             int32_t* sc = scratch.data();
-            for (int64_t i = 0; i < L.inner; ++i) {  // vectorizable: multiply, round half to even, clamp
-                float v = std::nearbyint(row[i] * inv);
+            for (int64_t i = 0; i < L.inner; ++i) {  // vectorizable: multiply, clamp, round half to even
+                float v = row[i] * inv;
                 nan |= (v != v);
-                v = v < lo ? lo : (v > hi ? hi : v);
-                sc[i] = static_cast<int32_t>(v);
+                v = v < lo ? lo : (v > hi ? hi : v);  // NaN passes; integer bounds: clamp(round(v)) = round(clamp(v))
+                sc[i] = static_cast<int32_t>(round_half_even(v));
             }
             if (imp) {  // split into main codes and errors (vectorizable), then code the errors
                 for (int64_t i = 0; i < L.inner; ++i) {
@@ -275,6 +302,7 @@ struct MultiTable {
     }
 };
 
+DQA_CLONES
 void decode_part(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in, int64_t err_bytes,
                  int64_t err_bits, const int64_t* offsets, int64_t chunk, const int32_t* sym_table,
                  const uint8_t* len_table, int lmax, const MultiTable* multi, const Layout& L, const float* scale_n,
