@@ -123,6 +123,17 @@ def test_a_drifted_signature_falls_back_to_numpy_with_one_warning(
     assert "dqa_decode: the library's signature" in native.native_status()
 
 
+def test_a_failing_compiler_falls_back_with_its_error(fresh_loader: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no 'false' program to stand for a failing compiler")
+    monkeypatch.setenv("LIGHTNING_DQA_NATIVE", "compile")
+    monkeypatch.setenv("CXX", false)
+    with pytest.warns(UserWarning, match="compiling the byte path kernel failed: .*false"):
+        assert native.native_library() is None
+    assert native.native_status().startswith("numpy fallback: bundled kernel ignored (LIGHTNING_DQA_NATIVE=compile)")
+
+
 def test_an_unknown_native_setting_is_refused(fresh_loader: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIGHTNING_DQA_NATIVE", "yes")
     with pytest.raises(ValueError, match="LIGHTNING_DQA_NATIVE to be 0, 1 or compile, got 'yes'"):

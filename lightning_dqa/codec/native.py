@@ -196,20 +196,21 @@ def _locked(lock: Path) -> Iterator[None]:
 
 def _compiled_at_first_use() -> tuple[NativeKernels | None, str]:
     """The library compiled into the cache (now, or by an earlier process), or ``(None, why not)``."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(portable_flags()).encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"bytepath-portable-{key}.so"
     try:
+        key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(portable_flags()).encode()])).hexdigest()
+        target = _cache_dir() / f"bytepath-portable-{key[:16]}.so"
         if not target.exists():
             compiler, why = find_compiler()
+            if compiler is None:
+                return None, why
             with _locked(target.with_suffix(".lock")):
                 if not target.exists():  # another process may have built it while this one waited
-                    if compiler is None:
-                        return None, why
                     compile_library(target, compiler)
         return bind(target), f"compiled at first use in {target}"
-    except (OSError, RuntimeError) as err:  # BuildError is a RuntimeError
-        kind = "compiling" if isinstance(err, BuildError) else "loading"
-        return None, f"{kind} the kernel at first use failed: {err}"
+    except BuildError as err:
+        return None, str(err)
+    except (OSError, RuntimeError) as err:
+        return None, f"the kernel compiled at first use is unusable: {err}"
 
 
 @cache
