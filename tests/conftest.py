@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from native_required import require_native_kernel
+
+from lightning_dqa.codec.native import NativeKernels
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -57,6 +60,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def native_kernel() -> NativeKernels:
+    """The byte path's C++ kernel; without it the test skips, or fails where it is required (CI)."""
+    return require_native_kernel()
 
 
 _REAL_DATA = ("shared_dir", "cifar_root", "camvid_root", "resnet32_weights")

@@ -1,7 +1,13 @@
 // Fused DQA byte path: one pass from float32 activations to packed main codes + Huffman-coded shifting
-// errors, and one pass back to float32 values. Compiled at first use by lightning_dqa/codec/native.py
-// (g++ -O3, no fast-math, no FP contraction) and called through ctypes; the pure numpy/torch path in
-// lightning_dqa/codec/blob.py and layer.py writes the same bytes and is the reference.
+// errors, and one pass back to float32 values. Built at install time by setup.py (or, in a source tree
+// without that build, at first use by lightning_dqa/codec/native.py) with portable flags (g++ -O3, no
+// -march=native, no fast-math, no FP contraction; lightning_dqa/codec/_build.py) and called through ctypes;
+// the pure numpy/torch path in lightning_dqa/codec/blob.py and layer.py writes the same bytes and is the
+// reference.
+//
+// dqa_abi() reports the exported signatures, derived by the compiler from the functions' own types, so the
+// Python binding builds its ctypes argument lists from it and refuses a library whose signatures differ
+// from the calls it makes (native.py). Bump DQA_ABI_VERSION when an argument's meaning changes but not its type.
 //
 // Layout of the tensor: (outer, C, inner) row-major, channel axis in the middle. Main codes are n-bit
 // fields, most significant bit first, row-major over the whole tensor; the errors of the important
@@ -12,8 +18,28 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
+#include <type_traits>
 #include <thread>
 #include <vector>
+
+#define DQA_ABI_VERSION 1
+
+// The two walks are compiled twice on x86-64 Linux, for the baseline ISA and for AVX2, and the loader picks the
+// one the CPU runs (GCC/Clang target_clones, an ifunc): the portable build gets most of -march=native's speed
+// (examples/bench_native_flags.py) with the same bytes, since every per-value operation is exact IEEE
+// arithmetic whatever the vector width. -DDQA_NO_MULTIVERSION builds the baseline only.
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute) && !defined(DQA_NO_MULTIVERSION)
+#if __has_attribute(target_clones)
+#define DQA_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef DQA_CLONES
+#define DQA_CLONES
+#endif
+#ifndef DQA_SOURCE_SHA
+#define DQA_SOURCE_SHA "unknown"  // setup.py and native.py pass the hash of this file
+#endif
 
 namespace {
 
@@ -92,6 +118,19 @@ struct Layout {
 
 // --------------------------------------------------------------------------------------------- encoding
 // Write `count` n-bit codes (two's complement, masked): 8 per put for n <= 4, 4 for n <= 8, else one by one.
+// std::nearbyint(v) in round-to-nearest (ties to even, as torch.round), written with SSE2 arithmetic so that the
+// portable x86-64 build vectorizes it (nearbyint is a libm call below SSE4.1). |v| + 2^23 has a unit ulp for
+// |v| < 2^23, so the addition rounds |v| to an integer and the subtraction is exact; from 2^23 up every float
+// is an integer already. Needs IEEE evaluation: no -ffast-math (it would fold (a + 2^23) - 2^23 to a); with
+// -fno-trapping-math (no value changes) the compiler vectorizes the compare-and-select. Checked equal to
+// std::nearbyint for all 2^32 float bit patterns (baseline and -march=native builds).
+inline float round_half_even(float v) {
+    const float two23 = 8388608.0f;
+    const float a = std::fabs(v);
+    const float r = (a + two23) - two23;  // computed for every lane, then selected: the loop stays branch-free
+    return std::copysign(a < two23 ? r : a, v);  // NaN: a is NaN
+}
+
 inline void put_codes(Writer& w, const int32_t* sc, int64_t count, int n, int32_t nmask) {
     int64_t i = 0;
     if (n <= 4) {
@@ -134,6 +173,7 @@ struct PairTable {
     }
 };
 
+DQA_CLONES
 void encode_part(const float* x, const Layout& L, const float* inv_n, const float* inv_hi, const uint32_t* hcodes,
                  const uint8_t* hlens, const PairTable* pairs, int64_t chunk, EncodePart& P) {
     const int n = L.n, m = L.m;
@@ -154,11 +194,11 @@ void encode_part(const float* x, const Layout& L, const float* inv_n, const floa
             const bool imp = L.important[c] != 0;
             const float inv = imp ? inv_hi[c] : inv_n[c], lo = imp ? lo_h : lo_n, hi = imp ? hi_h : hi_n;
             int32_t* sc = scratch.data();
-            for (int64_t i = 0; i < L.inner; ++i) {  // vectorizable: multiply, round half to even, clamp
-                float v = std::nearbyint(row[i] * inv);
+            for (int64_t i = 0; i < L.inner; ++i) {  // vectorizable: multiply, clamp, round half to even
+                float v = row[i] * inv;
                 nan |= (v != v);
-                v = v < lo ? lo : (v > hi ? hi : v);
-                sc[i] = static_cast<int32_t>(v);
+                v = v < lo ? lo : (v > hi ? hi : v);  // NaN passes; integer bounds: clamp(round(v)) = round(clamp(v))
+                sc[i] = static_cast<int32_t>(round_half_even(v));
             }
             if (imp) {  // split into main codes and errors (vectorizable), then code the errors
                 for (int64_t i = 0; i < L.inner; ++i) {
@@ -262,6 +302,7 @@ struct MultiTable {
     }
 };
 
+DQA_CLONES
 void decode_part(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in, int64_t err_bytes,
                  int64_t err_bits, const int64_t* offsets, int64_t chunk, const int32_t* sym_table,
                  const uint8_t* len_table, int lmax, const MultiTable* multi, const Layout& L, const float* scale_n,
@@ -438,5 +479,48 @@ int dqa_decode(const uint8_t* main_in, int64_t main_bytes, const uint8_t* err_in
     if (sym_table != nullptr && P[parts - 1].end != err_bits) return 3;
     return 0;
 }
+
+}  // extern "C"
+
+namespace {
+
+// The ABI name of each argument type; an unlisted type fails to compile, so every type is named.
+template <typename T>
+struct AbiName;
+template <>
+struct AbiName<int32_t> { static std::string get() { return "i32"; } };
+template <>
+struct AbiName<int64_t> { static std::string get() { return "i64"; } };
+template <>
+struct AbiName<uint8_t> { static std::string get() { return "u8"; } };
+template <>
+struct AbiName<uint32_t> { static std::string get() { return "u32"; } };
+template <>
+struct AbiName<float> { static std::string get() { return "f32"; } };
+template <typename T>
+struct AbiName<T*> { static std::string get() { return AbiName<std::remove_const_t<T>>::get() + "*"; } };
+
+// "name(arg,arg,...)->ret" from the function's type.
+template <typename R, typename... A>
+std::string signature(const char* name, R (*)(A...)) {
+    const std::string args[] = {AbiName<A>::get()...};
+    std::string s = std::string(name) + "(";
+    for (size_t i = 0; i < sizeof...(A); ++i) s += (i ? "," : "") + args[i];
+    return s + ")->" + AbiName<R>::get();
+}
+
+}  // namespace
+
+extern "C" {
+
+// "v<version>;dqa_encode(...)->i32;dqa_decode(...)->i32": what native.py checks before binding.
+const char* dqa_abi() {
+    static const std::string abi = "v" + std::to_string(DQA_ABI_VERSION) + ";" +
+                                   signature("dqa_encode", &dqa_encode) + ";" + signature("dqa_decode", &dqa_decode);
+    return abi.c_str();
+}
+
+// The sha256 prefix of the source this library was built from (native.py skips a stale bundled build).
+const char* dqa_source_sha() { return DQA_SOURCE_SHA; }
 
 }  // extern "C"

@@ -3,9 +3,13 @@
 :func:`encode_values` quantizes, shifts, bit-packs the main codes and Huffman-codes the shifting errors in
 one walk over the activation; :func:`decode_values` unpacks, decodes the errors and dequantizes in one walk,
 all channels of the layer at once. Both run the C++ kernels of :mod:`.native` when they are available (float32
-CPU tensors, ``n + m <= 24``), and otherwise the reference numpy/torch path (:func:`functional.dqa_quantize`,
+tensors, ``n + m <= 24``), and otherwise the reference numpy/torch path (:func:`functional.dqa_quantize`,
 :func:`.bitpack.pack_codes`, :func:`.huffman.encode` and their inverses), which gives the same bytes and the
 same values; ``tests/codec/test_bytepath.py`` checks that.
+
+Tensors on an accelerator (CUDA, ...) take the kernels too: :func:`encode_values` copies the activation to the
+host once (:func:`_to_host`) and codes it there; :func:`decode_values` decodes on the host and copies the values
+to the requested device once (:func:`_to_device`). The bytes are the CPU tensor's.
 
 Why C++ through ctypes won (``python examples/bench_bytepath.py`` measures the four candidates side by side on
 ResNet-32's real activations): plain torch ops need one full-size pass per step (scale, round, clamp, cast,
@@ -74,10 +78,20 @@ def _layout(shape: tuple[int, ...], channel_dim: int) -> tuple[int, int, int]:
     return math.prod(shape[:cd]), shape[cd], math.prod(shape[cd + 1 :])
 
 
+def _to_host(x: Tensor) -> Tensor:
+    """A device tensor's values on the CPU, contiguous, in one device-to-host copy (made contiguous on the device)."""
+    return x.detach().contiguous().cpu()
+
+
+def _to_device(out: Tensor, device: torch.device | str | None) -> Tensor:
+    """The decoded CPU values on ``device`` (one host-to-device copy; none for the CPU or ``None``)."""
+    return out if device is None else out.to(device)
+
+
 def _native_ok(x: Tensor, scale_n: Tensor, bits: int, extra_bits: int) -> bool:
+    """Whether the kernels can code ``x``: float32 on any device (a device tensor is copied to the host first)."""
     return (
         x.dtype == torch.float32
-        and x.device.type == "cpu"
         and scale_n.dtype == torch.float32
         and bits + extra_bits <= _MAX_NATIVE_BITS
         and native_library() is not None
@@ -99,7 +113,7 @@ def encode_values(
     """DQA codes of ``x`` as coded sections, in one pass: main codes packed, errors Huffman-coded (or raw).
 
     Args:
-        x: the activation, e.g. ``(N, C, H, W)``.
+        x: the activation, e.g. ``(N, C, H, W)``, on any device (a device tensor is coded from one host copy).
         scale_n: ``(C,)`` ``n``-bit scales (:func:`functional.scale_from_max`).
         important: ``(C,)`` bool mask of the channels kept at ``n + m`` bits.
         bits: ``n``.
@@ -119,7 +133,7 @@ def encode_values(
     lib = native_library()
     if not _native_ok(x, scale_n, bits, extra_bits) or lib is None or (codebook is None and extra_bits > 8):
         return _encode_reference(x, scale_n, important, bits, extra_bits, signed, channel_dim, codebook, chunk_size)
-    x = x.detach().contiguous()
+    x = x.detach().contiguous() if x.device.type == "cpu" else _to_host(x)
     outer, channels, inner = _layout(tuple(x.shape), channel_dim)
     imp = important.detach().cpu().to(torch.uint8).contiguous()
     inv_n = (1.0 / scale_n.detach().cpu()).contiguous()  # the reciprocals `functional.quantize` multiplies by
@@ -186,6 +200,7 @@ def decode_values(
     channel_dim: int,
     codebook: HuffmanCodebook | None,
     chunk_size: int,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Values back from coded sections in one pass: ``scale_n * q`` or ``scale_n / 2**m * ((q << m) | e)``.
 
@@ -200,9 +215,10 @@ def decode_values(
         channel_dim: the channel axis.
         codebook: the errors' code book, or ``None`` for raw symbols.
         chunk_size: symbols per Huffman chunk.
+        device: where the values go (decoded on the CPU, then copied there once); ``None``: the CPU.
 
     Returns:
-        float32 tensor of ``shape`` on the CPU, equal to :func:`functional.dqa_dequantize` of the codes.
+        float32 tensor of ``shape`` on ``device``, equal to :func:`functional.dqa_dequantize` of the codes.
 
     Raises:
         ValueError: for a corrupted Huffman stream (a chunk that does not start at its offset, a bit string
@@ -213,7 +229,7 @@ def decode_values(
     raw_ok = codebook is not None or coded.error.dtype == np.uint8
     if lib is None or scale_n.dtype != torch.float32 or bits + extra_bits > _MAX_NATIVE_BITS or not raw_ok:
         args = (scale_n, important, bits, extra_bits, signed, channel_dim, codebook, chunk_size)
-        return _decode_reference(coded, shape, *args)
+        return _to_device(_decode_reference(coded, shape, *args), device)
     if coded.main.shape[0] != packed_size(math.prod(shape), bits):
         raise ValueError(f"Payload truncated or too long: {coded.main.shape[0]} bytes of main codes for {shape}")
     _check_padding(coded.main, math.prod(shape) * bits)
@@ -234,7 +250,7 @@ def decode_values(
     )  # fmt: skip
     if status:
         raise ValueError(f"Corrupted stream: {_DECODE_ERRORS[status]}")
-    return out
+    return _to_device(out, device)
 
 
 _DECODE_ERRORS = {

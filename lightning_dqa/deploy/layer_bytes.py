@@ -137,9 +137,9 @@ def bytes_to_values(q: ActivationQuantizer, blob: bytes | bytearray | memoryview
         coded = CodedActivation(parts.main, errors.astype(np.uint8) if q.m <= 8 else errors, parts.offsets, 0)
     out = decode_values(
         coded, header.shape, scale, q.important, q.n, q.m, header.signed, header.channel_dim,
-        book if header.coder == "huffman" else None, header.chunk_size,
+        book if header.coder == "huffman" else None, header.chunk_size, q.important.device,
     )  # fmt: skip
-    return out.to(q.important.device)
+    return out
 
 
 def _scale_n(q: ActivationQuantizer, x: Tensor | None) -> Tensor:

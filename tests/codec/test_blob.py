@@ -311,7 +311,10 @@ def test_quantizer_helpers_reject_mismatches() -> None:
 
 
 STDLIB = ("__future__", "dataclasses", "functools", "heapq", "itertools", "math", "struct", "typing", "zlib")
-NATIVE_LOADER = ("ctypes", "hashlib", "os", "pathlib", "platform", "shutil", "subprocess", "tempfile")  # native.py
+NATIVE_LOADER = (  # native.py and _build.py
+    "collections", "contextlib", "ctypes", "fcntl", "hashlib", "os", "pathlib", "platform", "shutil", "subprocess",
+    "tempfile", "warnings",
+)  # fmt: skip
 
 
 def test_codec_imports_only_itself_core_numpy_and_torch() -> None:
