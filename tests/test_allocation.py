@@ -212,6 +212,8 @@ def test_callback_logs_the_budget_and_each_layers_choice():
         assert logger.metrics[f"dqa/layer/{name}/bits"] == choice.bits
         assert logger.metrics[f"dqa/layer/{name}/extra_bits"] == choice.extra_bits
         assert logger.metrics[f"dqa/layer/{name}/important"] == choice.important
+    calibration, validation = logger.metrics["dqa/calibration_bits_per_value"], metrics["dqa/bits_per_value"]
+    print(f"bits per value: calibration {calibration:.4f}, validation {validation:.4f}")
     assert metrics["dqa/bits_per_value"] <= 3.0 * 1.01  # measured on the validation data
 
 

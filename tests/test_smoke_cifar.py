@@ -44,6 +44,7 @@ def results(cifar_root, resnet32_weights) -> dict[str, tuple[float, float]]:
 
 
 def test_fp32_near_published(results):
+    print({k: (round(acc, 2), round(float(bpv), 4)) for k, (acc, bpv) in results.items()})
     acc, bpv = results["fp32"]
     assert 91.5 <= acc <= 93.5
     assert bpv == 32.0
@@ -65,6 +66,7 @@ def test_budget_at_uniform_bits_is_no_worse(results, cifar_root, resnet32_weight
     """target_bits equal to what uniform 3-bit direct measures: allocation spends it no worse, never above it."""
     _, uniform_bits = results["direct"]
     acc, bpv = _accuracy(cifar_root, resnet32_weights, method="dqa", target_bits=uniform_bits)
+    print(f"budget {float(uniform_bits):.4f}: acc {acc:.2f} (direct {results['direct'][0]:.2f}), {float(bpv):.4f} bits")
     assert acc >= results["direct"][0]
     # measured on the evaluation images with the code book from calibration, inside the headroom kept free
     assert bpv <= uniform_bits
