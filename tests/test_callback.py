@@ -49,7 +49,10 @@ def test_ptq_test_and_fp32_baseline_close_at_high_bits():
     (metrics,) = quiet_trainer(callbacks=[cb]).test(model, datamodule=TinyData())
     print(f"fp32 {metrics['dqa/fp32_acc']:.4f}, 8-bit DQA {metrics['test/acc']:.4f}")
     assert metrics["dqa/fp32_acc"] > 0.8
-    assert abs(metrics["test/acc"] - metrics["dqa/fp32_acc"]) <= 0.02  # 8-bit DQA is nearly lossless
+    # 8-bit DQA is nearly lossless: measured 0.9922 both (128 samples). 0.02 is 2 samples: an 8-bit code moves an
+    # activation by ~0.2 % of its range, which turns a sample only if its logits sit that close, a property of the
+    # model and data, not of the CPU's float noise (~1e-6 relative).
+    assert abs(metrics["test/acc"] - metrics["dqa/fp32_acc"]) <= 0.02
 
 
 def test_quantization_changes_outputs_and_more_bits_are_closer():

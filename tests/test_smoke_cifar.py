@@ -46,12 +46,16 @@ def results(cifar_root, resnet32_weights) -> dict[str, tuple[float, float]]:
 def test_fp32_near_published(results):
     print({k: (round(acc, 2), round(float(bpv), 4)) for k, (acc, bpv) in results.items()})
     acc, bpv = results["fp32"]
+    # 1,000 images, FP32: 92.70 % on the first 2,000 on every ISA setting tried (docs/CPU_SPREAD.md); the range
+    # is +-1 point, over 3x the ~0.3 % of top-1 classes float32 noise between CPUs can flip.
     assert 91.5 <= acc <= 93.5
     assert bpv == 32.0
 
 
 def test_dqa_beats_direct_at_3_bits(results):
     assert results["paper_dqa"][0] > results["paper_direct"][0] + 10  # paper: 82.13 vs 52.85
+    # default setting: about 2 points apart (quickstart, 2,000 images: 90.10 vs 92.10-92.30 across ISA settings),
+    # several times the 0.2-0.3 points that float noise moves either figure between CPUs
     assert results["dqa"][0] >= results["direct"][0]
     assert results["dqa"][0] <= results["fp32"][0] + 1.0
 
