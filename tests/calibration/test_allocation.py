@@ -211,7 +211,11 @@ def test_callback_logs_the_budget_and_each_layers_choice():
         assert logger.metrics[f"dqa/layer/{name}/bits"] == choice.bits
         assert logger.metrics[f"dqa/layer/{name}/extra_bits"] == choice.extra_bits
         assert logger.metrics[f"dqa/layer/{name}/important"] == choice.important
-    assert metrics["dqa/bits_per_value"] <= 3.0 * 1.01  # measured on the validation data
+    calibration, validation = logger.metrics["dqa/calibration_bits_per_value"], metrics["dqa/bits_per_value"]
+    print(f"bits per value: calibration {calibration:.4f}, validation {validation:.4f}")
+    # On the validation data, with the calibration's code book: held under the budget by the 1 % headroom the
+    # allocator leaves (HEADROOM), a design margin, not a figure read off one run (measured 2.975 and 2.975)
+    assert metrics["dqa/bits_per_value"] <= 3.0 * 1.01
 
 
 def _stats_with_gradients(coherent: float):

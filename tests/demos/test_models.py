@@ -87,6 +87,10 @@ def test_resnet32_pretrained_accuracy(resnet32_weights: Path, cifar_root: Path) 
             (model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(250), y.split(250), strict=True)
         )
     accuracy = correct / n
+    print(f"ResNet-32 FP32 top-1 on the first {n} test images: {accuracy:.4f}")
+    # Measured 0.928 (published 92.63 % on all 10,000). The bound sits 8 images below: float32 kernel noise between
+    # CPUs flips at most ~3 of 1,000 top-1 classes even in the 3-bit models (tests/test_onnx.py), fewer in FP32;
+    # wrong weights or preprocessing cost far more.
     assert accuracy >= 0.92, f"ResNet-32 top-1 on the first {n} test images: {accuracy:.3f}"
 
 

@@ -79,6 +79,7 @@ def test_mobilenet_fp32_near_its_full_test_accuracy(mobilenet: dict[str, tuple[f
 
 def test_mobilenet_dqa_orderings(mobilenet: dict[str, tuple[float, float]]) -> None:
     fp32 = mobilenet["fp32"][0]
+    print({k: (round(acc, 2), round(bpv, 4)) for k, (acc, bpv) in mobilenet.items()})
     assert mobilenet["paper_dqa"][0] >= mobilenet["paper_direct"][0]
     assert fp32 - MOBILENET_MAX_DROP <= mobilenet["dqa"][0] <= fp32 + 2.0
     for key in ("paper_direct", "paper_dqa", "dqa"):
@@ -112,6 +113,7 @@ def test_unet_fp32_miou_is_useful(unet: dict[str, tuple[float, float]]) -> None:
 
 def test_unet_dqa_orderings(unet: dict[str, tuple[float, float]]) -> None:
     fp32 = unet["fp32"][0]
+    print({k: (round(acc, 2), round(bpv, 4)) for k, (acc, bpv) in unet.items()})
     assert unet["paper_dqa"][0] >= unet["paper_direct"][0]
     assert fp32 - UNET_MAX_DROP <= unet["dqa"][0] <= fp32 + 2.0
     for key in ("paper_direct", "paper_dqa", "dqa"):

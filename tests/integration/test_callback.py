@@ -47,8 +47,12 @@ def test_ptq_test_and_fp32_baseline_close_at_high_bits():
     quiet_trainer(max_epochs=3).fit(model, datamodule=TinyData())
     cb = DQACallback(bits=8, first_layer_bits=None, calibration_samples=128, fp32_baseline=True, ranking="energy")
     (metrics,) = quiet_trainer(callbacks=[cb]).test(model, datamodule=TinyData())
+    print(f"fp32 {metrics['dqa/fp32_acc']:.4f}, 8-bit DQA {metrics['test/acc']:.4f}")
     assert metrics["dqa/fp32_acc"] > 0.8
-    assert abs(metrics["test/acc"] - metrics["dqa/fp32_acc"]) <= 0.02  # 8-bit DQA is nearly lossless
+    # 8-bit DQA is nearly lossless: measured 0.9922 both (128 samples). 0.02 is 2 samples: an 8-bit code moves an
+    # activation by ~0.2 % of its range, which turns a sample only if its logits sit that close, a property of the
+    # model and data, not of the CPU's float noise (~1e-6 relative).
+    assert abs(metrics["test/acc"] - metrics["dqa/fp32_acc"]) <= 0.02
 
 
 def test_quantization_changes_outputs_and_more_bits_are_closer():
@@ -64,6 +68,7 @@ def test_quantization_changes_outputs_and_more_bits_are_closer():
             model, datamodule=TinyData()
         )
         errs[bits] = (model.eval()(x) - ref).square().mean().item()
+    print(errs)
     assert 0 < errs[6] < errs[3]
 
 
@@ -92,6 +97,7 @@ def test_qat_fit_learnable_scales_train_with_users_optimizer():
     assert isinstance(q.scale, torch.nn.Parameter)
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert id(q.scale) in opt_params  # the user's configure_optimizers saw it: no change to their code
+    print(f"train/loss {float(trainer.callback_metrics['train/loss']):.4f}")
     assert trainer.callback_metrics["train/loss"] < 1.0
 
 
