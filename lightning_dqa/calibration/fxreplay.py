@@ -82,7 +82,7 @@ class GraphSearch:
 
     Example:
         >>> from lightning_dqa import DQAConfig
-        >>> from lightning_dqa.calibration.engine import prepare, set_quantizers_enabled
+        >>> from lightning_dqa.core.attach import prepare, set_quantizers_enabled
         >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
         >>> quantizers = prepare(model, DQAConfig(bits=3))
         >>> set_quantizers_enabled(model, False)

@@ -106,7 +106,8 @@ def greedy_rank(
 
     Example (``calibrate`` with ``DQAConfig(ranking="greedy")`` makes this call itself):
         >>> from lightning_dqa import DQAConfig
-        >>> from lightning_dqa.calibration.engine import calibrate, prepare, set_quantizers_enabled
+        >>> from lightning_dqa import calibrate, prepare
+        >>> from lightning_dqa.core.attach import set_quantizers_enabled
         >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
         >>> config = DQAConfig(bits=3, ratio=0.0, clipping="none")  # ratio 0: calibrate does not rank
         >>> quantizers = prepare(model, config)
