@@ -339,7 +339,7 @@ class ActivationQuantizer(nn.Module):
     def code_input(self, x: Tensor) -> Tensor:
         """The tensor whose codes are stored for ``x`` (``x`` itself; NoisyQuant adds its noise).
 
-        The byte codec (:func:`lightning_dqa.codec.quantizer_to_bytes`) quantizes this tensor.
+        The byte codec (:func:`lightning_dqa.deploy.layer_bytes.quantizer_to_bytes`) quantizes this tensor.
         """
         return x
 

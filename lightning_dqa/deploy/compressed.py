@@ -4,9 +4,9 @@
 through its :mod:`torch.fx` trace, step by step, under ``torch.no_grad()``:
 
 * a value read only by quantized layers (``where="input"``, the default: e.g. a ReLU output feeding a
-  convolution) is encoded with :func:`~lightning_dqa.codec.quantizer_to_bytes` as soon as it is produced, once
+  convolution) is encoded with :func:`~.layer_bytes.quantizer_to_bytes` as soon as it is produced, once
   per reading layer; its full-precision tensor is dropped, and the layer decodes its blob when it runs
-  (:func:`~lightning_dqa.codec.bytes_to_values`);
+  (:func:`~.layer_bytes.bytes_to_values`);
 * a value that something else still reads in full precision (a residual shortcut, a concatenated skip, the
   model input) is kept, and the quantized layer encodes and decodes it when it runs;
 * with ``where="output"`` a layer's output is encoded and decoded by the layer itself (BatchNorm and ReLU
@@ -189,7 +189,7 @@ class _Codec:
 
 
 def decode(q: ActivationQuantizer, blob: bytes) -> Tensor:
-    """``q(x)`` from the blob of :func:`~lightning_dqa.codec.quantizer_to_bytes` (NoisyQuant: minus its noise).
+    """``q(x)`` from the blob of :func:`~.layer_bytes.quantizer_to_bytes` (NoisyQuant: minus its noise).
 
     Args:
         q: the quantizer that wrote the blob.
@@ -217,7 +217,7 @@ def run_compressed(
             usually in eval mode; it must trace with :mod:`torch.fx` (quantized layers are kept as leaves).
         inputs: the model's input, e.g. images ``(N, C, H, W)``, or a tuple of positional inputs.
         coder: entropy coder of the shifting errors in every blob: ``huffman`` (the paper's, default), ``zstd``
-            or ``ans`` (:func:`~lightning_dqa.codec.quantizer_to_bytes`).
+            or ``ans`` (:func:`~.layer_bytes.quantizer_to_bytes`).
 
     Returns:
         ``(output, report)``: the model's output (as the fake-quantized forward gives it, up to the sign of
