@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -114,6 +115,7 @@ def calibrate(
             )  # fmt: skip
             t1 = time.perf_counter()
             stats = _reduce(collected, reducer)
+            quantizers = _skip_unreached(quantizers, stats)
             order = collected.order + [n for n in quantizers if n not in collected.order]
             freeze_scales(quantizers, stats, config, important_bits=False)
             inputs = RankInputs(
@@ -182,19 +184,48 @@ def _check_call(
 
 
 def _reduce(collected: Collected, reducer: Reducer | None) -> dict[str, ChannelStats]:
-    """Stage 2: statistics combined over ranks; every layer must have been reached."""
+    """Stage 2: statistics combined over ranks, for the layers the forward pass reached."""
     if collected.samples == 0:
         raise ValueError("Expected calibration data with at least one sample, got an empty set of batches")
     for obs in collected.observers.values():
         if reducer is not None:
             obs.reduce_(reducer)
-    unreached = [name for name, obs in collected.observers.items() if obs.count == 0]
-    if unreached:
+    return {name: obs.compute() for name, obs in collected.observers.items() if obs.count > 0}
+
+
+def _skip_unreached(quantizers: Quantizers, stats: dict[str, ChannelStats]) -> Quantizers:
+    """The quantizers of reached layers; those never reached are made pass-through, with one warning.
+
+    ``nn.MultiheadAttention`` (every torchvision ViT) reads ``out_proj.weight`` without calling ``out_proj``, and
+    Swin's attention does the same with its ``qkv`` and ``proj`` layers: no hook of theirs ever fires, so what they
+    read cannot be observed. They stay in full precision (``bits = 0``, saved so, so a checkpoint reloads the
+    same way), and the counts are reduced over ranks first, so every rank skips the same layers.
+
+    Raises:
+        ValueError: when no layer at all was reached (the forward function does not run the model).
+
+    """
+    unreached = [name for name in quantizers if name not in stats]
+    if not unreached:
+        return quantizers
+    if len(unreached) == len(quantizers):
         raise ValueError(
-            f"Layers {unreached} were never reached by the forward pass during calibration, so they cannot be "
-            f"calibrated; leave them out with exclude={[f'^{re.escape(n)}$' for n in unreached]}"
+            f"None of the {len(quantizers)} quantized layers was reached by the forward pass during calibration: "
+            f"does the forward function run the model on the batches?"
         )
-    return {name: obs.compute() for name, obs in collected.observers.items()}
+    for name in unreached:
+        q = quantizers[name]
+        q.set_widths(0, int(q.extra_bits))
+        q.allocated = False
+        q.calibrated.fill_(True)
+    warnings.warn(
+        f"DQA calibration: layers {unreached} were never called as modules by the forward pass (their weight is "
+        f"used directly, as nn.MultiheadAttention does with out_proj, or the data never reached them), so their "
+        f"inputs cannot be observed; they stay in full precision. Leave them out with "
+        f"exclude={[f'^{re.escape(n)}$' for n in unreached]} to silence this warning",
+        stacklevel=3,
+    )
+    return {name: q for name, q in quantizers.items() if name in stats}
 
 
 def _finish(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from tiny_engine import TinyNet, config, fwd, loss, make_batches, tiny
@@ -80,17 +82,33 @@ def test_training_mode_restored_when_calibration_fails():
     assert m.training and m.bn1.training
 
 
-def test_layer_not_reached_by_forward_is_named_with_a_fix():
+def test_layer_not_reached_by_forward_stays_full_precision_with_one_warning():
     m = tiny()
     m.aux = nn.Linear(10, 2)  # registered, never called
     cfg = config()
     prepare(m, cfg)
-    with pytest.raises(ValueError, match=r"\['aux'\] were never reached.*exclude=\['\^aux\$'\]"):
-        calibrate(m, cfg, make_batches(), forward_fn=fwd)
+    with pytest.warns(UserWarning, match=r"\['aux'\] were never called.*exclude=\['\^aux\$'\]") as record:
+        report = calibrate(m, cfg, make_batches(), forward_fn=fwd)
+    assert len([w for w in record if "never called" in str(w.message)]) == 1
+    q = m.aux.dqa_quantizer
+    assert "aux" not in report.order and q.passthrough and bool(q.calibrated) and q.enabled
+    x = torch.randn(3, 10)
+    assert torch.equal(m.aux(x), nn.functional.linear(x, m.aux.weight, m.aux.bias))
+    assert all(not other.passthrough for name, other in quantizers_of(m).items() if name != "aux")
     excluded = config().replace(exclude=(r"^aux$",))
     prepare(m, excluded)
-    report = calibrate(m, excluded, make_batches(), forward_fn=fwd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = calibrate(m, excluded, make_batches(), forward_fn=fwd)
     assert "aux" not in report.order
+
+
+def test_no_layer_reached_is_an_error():
+    m = tiny()
+    cfg = config()
+    prepare(m, cfg)
+    with pytest.raises(ValueError, match=r"None of the .* quantized layers was reached"):
+        calibrate(m, cfg, make_batches(), forward_fn=lambda model, batch: batch[0].sum())
 
 
 # ----------------------------------------------------------------------------------------------- sampling
