@@ -45,6 +45,8 @@ class CalibrationReport:
         layers: one :class:`LayerReport` per target layer, in ``order``.
         stats: the reduced per-layer statistics (kept for accounting and ablations).
         allocation: the per-layer choices under ``target_bits`` (``None`` without a budget).
+        objective: what the gradient statistics or the greedy score were computed from (set by the caller that
+            chose it, e.g. the callback's ``training_step`` or the label-free output objective); empty if unknown.
 
     """
 
@@ -55,13 +57,16 @@ class CalibrationReport:
     layers: list[LayerReport]
     stats: dict[str, ChannelStats] = field(repr=False, default_factory=dict)
     allocation: Allocation | None = None
+    objective: str = ""
 
     def summary(self, config: DQAConfig, samples: int | None = None) -> str:
         """One line on what ran (``samples`` over all ranks; default: this rank's), then :meth:`table`."""
         return (
             f"DQA calibration: {self.samples if samples is None else samples} samples, statistics "
             f"{self.stats_seconds:.1f}s, ranking {self.rank_seconds:.1f}s ({config.method}, {config.ranking}, "
-            f"{self._widths(config)}; byte path: {native_status()})\n{self.table()}"
+            f"{self._widths(config)}; byte path: {native_status()})\n"
+            + (f"objective: {self.objective}\n" if self.objective else "")
+            + self.table()
         )
 
     def _widths(self, config: DQAConfig) -> str:

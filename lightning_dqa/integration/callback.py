@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -28,7 +29,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_dqa.calibration.batches import clone_inference
 from lightning_dqa.calibration.engine import calibrate
+from lightning_dqa.calibration.objectives import output_divergence
 from lightning_dqa.calibration.report import CalibrationReport
 from lightning_dqa.core.attach import prepare, quantizers_of, set_quantizers_enabled
 from lightning_dqa.core.config import DQAConfig
@@ -47,9 +50,18 @@ from lightning_dqa.integration.data import (
 )
 from lightning_dqa.integration.distributed import check_strategy, rank_shard, strategy_broadcast, strategy_reducer
 from lightning_dqa.integration.finite import FiniteWatch
+from lightning_dqa.integration.objective import Objective
 from lightning_dqa.integration.progress import CalibrationProgress
 
 __all__ = ["DQACallback"]
+
+
+@dataclasses.dataclass
+class _Chosen:
+    """The calibration batches (the first one read to choose the objective, put back) and what was chosen."""
+
+    batches: Iterable[Any]
+    used: str
 
 
 class DQACallback(Callback):
@@ -70,8 +82,16 @@ class DQACallback(Callback):
             datamodule or module is used when present, e.g. a seeded subset of non-augmented training images)
             or ``val``.
         delay_steps: optimizer steps of full-precision training before fake quantization starts (fit only).
-        greedy_objective: what the greedy ranking maximises: ``accuracy`` (correct predictions, the paper)
-            or ``loss`` (negative cross-entropy).
+        greedy_objective: what the greedy ranking maximises with class targets: ``accuracy`` (correct
+            predictions, the paper) or ``loss`` (negative cross-entropy). Without targets, or with
+            ``objective="output"``, it maximises minus the output divergence from full precision.
+        objective: the loss whose activation gradients drive gradient rankings (``fisher``, ``saliency``) and the
+            memory budget (:mod:`lightning_dqa.integration.objective`): ``auto`` (the module's ``training_step``
+            loss when it gives one, else ``output``), ``training_step``, ``cross_entropy`` (against the batch's
+            class targets) or ``output`` (label-free: how far quantized outputs move from FP32 outputs). The
+            calibration summary says which one ran and why.
+        output_divergence: the ``output`` objective's divergence per output leaf: ``auto`` (KL for ``(N, C)``
+            logits, MSE for every other output), ``kl`` (over axis 1, e.g. per pixel) or ``mse``.
         ignore_index: target value ignored by the default calibration loss and objective (segmentation void).
         measure_memory: measure bits per stored activation value on validation / test batches.
         log_per_layer: also log each layer's bits per value.
@@ -88,6 +108,9 @@ class DQACallback(Callback):
 
     Raises:
         ValueError: at construction, for any invalid argument (the message names it).
+
+    ``validate``, ``test`` and ``predict`` calibrate an uncalibrated module before they run (from the
+    calibration sources :meth:`calibration_dataloader` lists, then the stage's own loaders); ``fit`` at its start.
 
     Override :meth:`split_batch`, :meth:`calibration_loss`, :meth:`calibration_objective` or
     :meth:`calibration_dataloader` for batches or tasks the defaults do not fit.
@@ -117,6 +140,8 @@ class DQACallback(Callback):
         calibration_source: Literal["train", "val"] = "train",
         delay_steps: int = 0,
         greedy_objective: Literal["accuracy", "loss"] = "accuracy",
+        objective: Literal["auto", "training_step", "cross_entropy", "output"] = "auto",
+        output_divergence: Literal["auto", "kl", "mse"] = "auto",
         ignore_index: int = -100,
         measure_memory: bool = True,
         log_per_layer: bool = False,
@@ -134,6 +159,11 @@ class DQACallback(Callback):
         self.calibration_source = calibration_source
         self.delay_steps = delay_steps
         self.greedy_objective = greedy_objective
+        self.objective = objective
+        self.output_divergence = output_divergence
+        self._objective = Objective(objective, output_divergence, ignore_index, seed, self.split_batch)
+        self._references: dict[int, tuple[Any, Any]] = {}
+        self._calibrating: pl.LightningModule | None = None
         self.ignore_index = ignore_index
         self.measure_memory = measure_memory
         self.log_per_layer = log_per_layer
@@ -227,19 +257,27 @@ class DQACallback(Callback):
         self._reset_meter()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Predict with the quantized model; refuse to predict silently in full precision.
+        """Predict with the quantized model, calibrating it first (as ``validate`` and ``test`` do) when needed.
+
+        Calibration reads :meth:`calibration_dataloader`'s sources, then the loaders passed to ``predict``
+        (unlabeled data calibrates with the ``output`` objective).
 
         Raises:
-            RuntimeError: when the quantizers were never calibrated (no validate/test/fit ran with this
-                callback and no calibrated checkpoint was loaded).
+            RuntimeError: when the module is uncalibrated and no calibration data can be found (the message lists
+                where it looked and what to pass), rather than predicting in full precision.
 
         """
         if not self._calibrated(pl_module):
-            raise RuntimeError(
-                "DQACallback: trainer.predict found no calibrated quantizers, so it would predict in full "
-                "precision; run trainer.validate(...) or trainer.test(...) with the callback first, or load a "
-                "calibrated checkpoint (ckpt_path=...)"
-            )
+            try:
+                self._ensure_calibrated(trainer, pl_module)
+            except ValueError as err:
+                if "found no data to calibrate on" not in str(err):
+                    raise
+                raise RuntimeError(
+                    f"DQACallback: trainer.predict would run in full precision, since the module is not calibrated "
+                    f"and {err}. Pass calibration data (e.g. a train_dataloader() on the module or datamodule), or "
+                    f"ckpt_path= of a calibrated checkpoint"
+                ) from err
         set_quantizers_enabled(pl_module, True)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -277,17 +315,23 @@ class DQACallback(Callback):
         return split_batch(batch)
 
     def calibration_loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
-        """Loss whose activation gradients drive the ``fisher`` / ``saliency`` rankings (cross-entropy)."""
-        x, y = self.split_batch(batch)
-        if y is None:
-            raise ValueError(f"Ranking {self.config.ranking!r} needs targets, but the calibration batches have none")
-        return F.cross_entropy(primary_output(pl_module(x)), y, ignore_index=self.ignore_index)
+        """Loss whose activation gradients drive the ``fisher`` / ``saliency`` rankings and the budget.
 
-    def calibration_objective(self, output: Tensor, batch: Any) -> Tensor:
-        """Summed score of one batch for the greedy search (higher is better)."""
+        The default computes the ``objective`` chosen for this calibration (see the class docstring); override it
+        for a loss of your own (the summary then names your override).
+        """
+        return self._objective.loss(pl_module, batch)
+
+    def calibration_objective(self, output: Any, batch: Any) -> Tensor:
+        """Summed score of one batch for the greedy search (higher is better).
+
+        With class targets (and ``objective`` not ``output``): correct predictions, or minus the summed
+        cross-entropy (``greedy_objective``). Otherwise minus the output divergence from the FP32 model's output
+        on the same batch (:func:`~lightning_dqa.calibration.objectives.output_divergence`).
+        """
         _, y = self.split_batch(batch)
-        if y is None:
-            raise ValueError("Ranking 'greedy' needs targets, but the calibration batches have none")
+        if y is None or self.objective == "output":
+            return -output_divergence(self._reference(batch), output, self.output_divergence)
         output = primary_output(output)
         if self.greedy_objective == "loss":
             return -F.cross_entropy(output, y, ignore_index=self.ignore_index, reduction="sum")
@@ -312,6 +356,48 @@ class DQACallback(Callback):
         return find_calibration_loader(trainer, pl_module, self.calibration_source, special)
 
     # ------------------------------------------------------------------ internals
+    def _choose_objective(self, pl_module: pl.LightningModule, batches: Iterable[Any]) -> _Chosen:
+        """Resolve ``objective`` on the first calibration batch (when a loss is needed); the batches, intact."""
+        needs_loss = self.config.needs_gradients
+        if not needs_loss and not (self.config.selects_channels and self.config.ranking == "greedy"):
+            return _Chosen(batches, "")
+        if type(self).calibration_loss is not DQACallback.calibration_loss:
+            return _Chosen(batches, f"{type(self).__name__}.calibration_loss (overridden)")
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            return _Chosen(it, "")
+        set_quantizers_enabled(pl_module, False)
+        was_training = pl_module.training
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                note = self._objective.resolve(pl_module, clone_inference(first))
+        finally:
+            pl_module.train(was_training)
+        if note is not None:
+            rank_zero_warn(f"DQACallback calibrates with the output objective: {note}")
+        used = self._objective.used
+        if not needs_loss:  # greedy only: what its score reads
+            used = "output divergence (greedy score)" if self._objective.kind == "output" else ""
+        return _Chosen(itertools.chain([first], it), used)
+
+    def _reference(self, batch: Any) -> Any:
+        """The FP32 model's output for a calibration batch (computed once per batch with the quantizers off)."""
+        if self._calibrating is None:
+            raise RuntimeError("DQACallback: the output objective reads FP32 outputs only during calibration")
+        key = id(batch)
+        if key not in self._references:
+            module = self._calibrating
+            states = {q: q.enabled for q in quantizers_of(module).values()}
+            set_quantizers_enabled(module, False)
+            try:
+                with torch.no_grad():
+                    self._references[key] = (batch, module(self.split_batch(batch)[0]))
+            finally:
+                for q, enabled in states.items():
+                    q.enabled = enabled
+        return self._references[key][1]
+
     def _calibrated(self, pl_module: pl.LightningModule) -> bool:
         qs = quantizers_of(pl_module).values()
         return bool(qs) and all(bool(q.calibrated) for q in qs)
@@ -347,19 +433,22 @@ class DQACallback(Callback):
                 x = self.split_batch(batch)[0]
                 first.append(x[:1].detach() if isinstance(x, Tensor) else x)
 
-        def forward_fn(model: nn.Module, batch: Any) -> Any:
+        def forward_fn(model: nn.Module, batch: Any) -> Any:  # the statistics pass ignores the output
             remember(batch)
-            return primary_output(model(self.split_batch(batch)[0]))
+            return model(self.split_batch(batch)[0])
 
         def loss_fn(model: nn.Module, batch: Any) -> Tensor:
             remember(batch)
             return self.calibration_loss(pl_module, batch)
 
+        batches = rank_shard(loader, strategy, world, rank)
+        objective = self._choose_objective(pl_module, batches)
+        self._calibrating, self._references = pl_module, {}
         try:
             self.report = calibrate(
                 pl_module,
                 self.config,
-                rank_shard(loader, strategy, world, rank),
+                objective.batches,
                 forward_fn=forward_fn,
                 loss_fn=loss_fn,
                 objective_fn=self.calibration_objective,
@@ -373,6 +462,8 @@ class DQACallback(Callback):
         finally:
             for bar in bars:
                 bar.close()
+            self._calibrating, self._references = None, {}
+        self.report.objective = objective.used
         samples = self.report.samples
         if world > 1:  # shards may be uneven: count what every rank read
             read = torch.tensor(float(samples), device=strategy.root_device)

@@ -8,6 +8,7 @@ cover the common ones and fail with a message that lists what was found and what
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -17,12 +18,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from torch.utils.data import DataLoader
 
+from lightning_dqa.calibration.objectives import DIVERGENCES
 from lightning_dqa.deploy.compressed import run_compressed
 
 __all__ = [
     "INPUT_KEYS",
     "LIFECYCLE_FLAGS",
+    "OBJECTIVE_CHOICES",
     "OUTPUT_KEYS",
     "TARGET_KEYS",
     "check_lifecycle_args",
@@ -41,6 +45,9 @@ TARGET_KEYS: tuple[str, ...] = ("y", "target", "targets", "label", "labels", "ma
 OUTPUT_KEYS: tuple[str, ...] = ("logits", "out", "output", "outputs", "pred", "preds")
 """Keys of a dict output taken as the logits, in order of preference."""
 
+
+OBJECTIVE_CHOICES: tuple[str, ...] = ("auto", "training_step", "cross_entropy", "output")
+"""The callback's ``objective`` values (:mod:`lightning_dqa.integration.objective`)."""
 
 LIFECYCLE_FLAGS: tuple[str, ...] = (
     "measure_memory",
@@ -77,6 +84,12 @@ def check_lifecycle_args(args: Mapping[str, Any]) -> None:
         raise ValueError(f"Expected delay_steps to be a non-negative int, got {delay!r}")
     if objective not in ("accuracy", "loss"):
         raise ValueError(f"Expected greedy_objective to be 'accuracy' or 'loss', got {objective!r}")
+    if args["objective"] not in OBJECTIVE_CHOICES:
+        raise ValueError(f"Expected objective to be one of {list(OBJECTIVE_CHOICES)}, got {args['objective']!r}")
+    if args["output_divergence"] not in DIVERGENCES:
+        raise ValueError(
+            f"Expected output_divergence to be one of {list(DIVERGENCES)}, got {args['output_divergence']!r}"
+        )
     if not is_int(ignore_index):
         raise ValueError(f"Expected ignore_index to be an int (a target value to ignore), got {ignore_index!r}")
     for name in LIFECYCLE_FLAGS:
@@ -157,11 +170,31 @@ def _attempts(trainer: pl.Trainer, pl_module: pl.LightningModule, source: str) -
         "train": ("the training loaders passed to fit", lambda: trainer.train_dataloader),
         "val": ("the validation loaders passed to the Trainer", lambda: trainer.val_dataloaders),
         "test": ("the test loaders passed to test", lambda: trainer.test_dataloaders),
+        "predict": ("the loaders passed to predict", lambda: _unshared(trainer.predict_dataloaders)),
     }
-    wanted = [source, stage] if stage in ("validate", "test", "train") else [source]
+    wanted = [source, stage] if stage in ("validate", "test", "train", "predict") else [source]
     for key in dict.fromkeys("val" if k == "validate" else k for k in wanted):
         out.append(trainer_loaders[key])
     return out
+
+
+def _unshared(loaders: Any) -> Any:
+    """The predict loaders, each with its own batch sampler, so calibration does not consume the prediction run.
+
+    Lightning wraps a predict loader's batch sampler in an object that is its own iterator (it records the indices
+    of each batch); iterating that loader again from a hook restarts the iterator the prediction loop already
+    holds, and the loop would see only what calibration left. A shallow copy reading the wrapped sampler iterates
+    apart.
+    """
+    if isinstance(loaders, list | tuple):
+        return type(loaders)(_unshared(loader) for loader in loaders)
+    inner = getattr(getattr(loaders, "batch_sampler", None), "_batch_sampler", None)
+    if not isinstance(loaders, DataLoader) or inner is None:
+        return loaders
+    copied = copy.copy(loaders)
+    object.__setattr__(copied, "batch_sampler", inner)  # DataLoader forbids setting it once built
+    object.__setattr__(copied, "_iterator", None)
+    return copied
 
 
 def _first_non_empty(loader: Any) -> Any:

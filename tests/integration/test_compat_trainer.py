@@ -80,7 +80,8 @@ class RecordingClassifier(Classifier):
 
 def test_gradient_accumulation_delay_steps_counts_optimizer_steps():
     model = RecordingClassifier(small_cnn())
-    cb = callback(delay_steps=2)
+    # The module records every training_step call; objective="auto" would also call it for calibration's loss.
+    cb = callback(delay_steps=2, objective="cross_entropy")
     t = trainer(callbacks=[cb], accumulate_grad_batches=2, max_steps=4, limit_val_batches=0)
     t.fit(model, train_dataloaders=images_loader(32, 0, batch_size=4))
     assert t.global_step == 4

@@ -151,11 +151,6 @@ def test_dict_batch_without_known_keys_names_found_and_accepted_keys():
         split_batch({"feats": torch.zeros(2), "y_true": torch.zeros(2)})
 
 
-def test_predict_without_calibration_is_refused():
-    with pytest.raises(RuntimeError, match="predict found no calibrated quantizers"):
-        trainer(callbacks=[DQACallback(bits=4)]).predict(BareNet(), dataloaders=loader())
-
-
 def test_predict_after_validate_predicts_with_the_quantized_model():
     model, cb = BareNet(), DQACallback(bits=3, calibration_samples=64, calibration_source="val")
     t = trainer(callbacks=[cb])

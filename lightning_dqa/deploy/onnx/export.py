@@ -234,7 +234,12 @@ def _trace(model: nn.Module, args: tuple[Tensor, ...], opset: int) -> bytes:
     outputs = ["output"] if count <= 1 else [f"output_{i}" for i in range(count)]
     dynamic = {name: {0: "batch"} for name in [*names, *outputs]}
     buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    # Under no_grad, nn.MultiheadAttention (torchvision's ViT) and nn.TransformerEncoderLayer in eval take their
+    # fused fast path, an op ONNX has no translation for; with gradients enabled they run the exportable
+    # composite ops. Nothing is differentiated: the trace is the same graph either way.
+    fast_path = any(isinstance(m, nn.MultiheadAttention | nn.TransformerEncoderLayer) for m in model.modules())
+    grad_mode = torch.enable_grad() if fast_path else torch.no_grad()
+    with grad_mode, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is chosen on purpose
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")  # placeholder has no shape fn
