@@ -164,8 +164,7 @@ def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | Non
     at = max(range(len(steps)), key=lambda i: (per_step[i], -i)) if steps else 0
     live = sorted(((what, size) for what, size, lo, hi, _ in spans if lo <= at <= hi), key=lambda t: -t[1])
     layers = [layer for _, _, lo, hi, layer in spans if layer and lo <= at <= hi]
-    buffers = [Buffer(size, lo, hi, what) for what, size, lo, hi, _ in spans]
-    arena = plan_arena(buffers)
+    arena = plan_arena([Buffer(size, lo, hi, what) for what, size, lo, hi, _ in spans])
     bound = per_step[at] if steps else 0
     return Peak(arena.nbytes, steps[at].name if steps else "", live, per_step, layers, bound, arena)
 
