@@ -170,6 +170,9 @@ def write_report(results: dict[str, Any] | None = None) -> None:
     memory = OUT_DIR / "memory_networks.json"  # written by memory_report.py --out
     if memory.exists():
         results["memory"] = json.loads(memory.read_text())
+    peak = OUT_DIR / "peak_table.json"  # written by peak_table.py --out
+    if peak.exists():
+        results["peak_table"] = json.loads(peak.read_text())
     from report_render import render
 
     MD_PATH.write_text(render(results, PNG_PATH))

@@ -2,7 +2,8 @@
 
 Pretrained ResNet-32 on CIFAR-10 (both from ``../shared``, nothing to download), post-training quantization
 through ``Trainer(callbacks=[DQACallback(...)]).validate(...)``: accuracy on the first 2,000 test images and
-the measured activation memory per image, calibrated on 1,000 seeded-random training images.
+the whole network's peak activation memory of one image (KiB in FP32 and with the activations stored as
+codes, and the saving between them), calibrated on 1,000 seeded-random training images.
 
     python examples/quickstart.py            # add --limit-test 10000 for the full test set
 """

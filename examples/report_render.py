@@ -24,6 +24,11 @@ def _meta(results: dict[str, Any], section: str) -> str:
     return f"Command: `{sec['command']}` ({sec['seconds'] / 60:.1f} min; {sec['machine']})."
 
 
+def _per_tensor_saving(record: dict[str, Any]) -> float:
+    """The quantized tensors' saving against FP32; records written before 0.2 named it ``memory_saving``."""
+    return float(record["per_tensor_saving"] if "per_tensor_saving" in record else record["memory_saving"])
+
+
 def _table1(results: dict[str, Any]) -> list[str]:
     recs = _records(results, "table1")
     if not recs:
@@ -35,7 +40,7 @@ def _table1(results: dict[str, Any]) -> list[str]:
             f"**{title}** (FP32: {fp32['accuracy']:.2f} %, 32 bits/value, "
             f"{fp32['activation_kib_per_image']:.1f} KiB of quantized-point activations per image)",
             "",
-            "| method | bits | top-1 % | measured bits/value | KiB/image | saving vs FP32 | paper (3-bit) |",
+            "| method | bits | top-1 % | measured bits/value | KiB/image | per-tensor saving | paper (3-bit) |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in recs:
@@ -44,7 +49,7 @@ def _table1(results: dict[str, Any]) -> list[str]:
             paper = f"{PAPER_3BIT[r['method']]:.2f}" if r["bits"] == 3 else ""
             lines.append(
                 f"| {METHOD_NAMES[r['method']]} | {r['bits']} | {r['accuracy']:.2f} | {r['bits_per_value']:.3f} | "
-                f"{r['activation_kib_per_image']:.1f} | {100 * r['memory_saving']:.1f} % | {paper} |"
+                f"{r['activation_kib_per_image']:.1f} | {100 * _per_tensor_saving(r):.1f} % | {paper} |"
             )
         lines.append("")
     lines.append(_meta(results, "table1"))
@@ -318,7 +323,7 @@ def _network(section: dict[str, Any], png: Path | None = None) -> list[str]:
     ]
     ref = "" if seg else " paper drop (3-bit) |"
     lines += [
-        f"| setting | method | bits | {unit} | drop vs FP32 | measured bits/value | saving vs FP32 |{ref}",
+        f"| setting | method | bits | {unit} | drop vs FP32 | measured bits/value | per-tensor saving |{ref}",
         "|---|---|---|---|---|---|---|" + ("" if seg else "---|"),
     ]
     for r in ptq:
@@ -330,7 +335,7 @@ def _network(section: dict[str, Any], png: Path | None = None) -> list[str]:
             paper = f" {drop:.2f} |" if r["bits"] == 3 else " |"
         lines.append(
             f"| {r['setting']} | {METHOD_NAMES[r['method']]} | {r['bits']} | {r[score]:.2f} | "
-            f"{fp32[score] - r[score]:.2f} | {r['bits_per_value']:.3f} | {100 * r['memory_saving']:.1f} % |{paper}"
+            f"{fp32[score] - r[score]:.2f} | {r['bits_per_value']:.3f} | {100 * _per_tensor_saving(r):.1f} % |{paper}"
         )
     for setting in ("paper", "default"):
         at3 = {
@@ -540,6 +545,6 @@ def render(results: dict[str, Any], png: Path) -> str:
         "",
         "## 7. Whole-network activation memory, measured from the bytes",
         "",
-        *memory_section(results.get("memory")),
+        *memory_section(results.get("memory"), results.get("peak_table")),
     ]
     return "\n".join(parts)

@@ -3,7 +3,10 @@
 Every run builds a fresh model, puts ``DQACallback`` in a quiet ``Trainer`` and calls ``validate`` on the
 CIFAR-10 test set, exactly what a user does. Records hold the keys
 ``arch, method, bits, extra_bits, ratio, ranking, setting, accuracy, bits_per_value, calib_seconds,
-eval_seconds`` and a few more (activation bytes per image against FP32, test images, seed).
+eval_seconds`` and a few more: the whole network's peak activation KiB of one image in FP32 and stored
+(``peak_fp32_kib``, ``peak_stored_kib``, arena sizes from ``run_compressed``) and ``peak_saving`` (the logged
+``dqa/memory_saving``), the quantized tensors' KiB per image and ``per_tensor_saving`` (their sum at the stored
+bits against FP32, not a device's saving), test images, seed.
 
 Settings:
     ``paper``: the paper's quantizer: dynamic per-channel maxima, signed codes, no clipping, every
@@ -102,7 +105,8 @@ def run_one(
         "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
         "activation_kib_per_image": round(float(metrics["dqa/activation_bytes_per_sample"]) / 1024, 2),
         "fp32_activation_kib_per_image": round(float(metrics["dqa/fp32_activation_bytes_per_sample"]) / 1024, 2),
-        "memory_saving": round(float(metrics["dqa/memory_saving"]), 4),
+        "per_tensor_saving": round(float(metrics["dqa/per_tensor_saving"]), 4),
+        **_peak(metrics),
         "calib_samples": calib_samples,
         "calib_seconds": round(calib, 2),
         "eval_seconds": round(total - calib, 2),
@@ -168,7 +172,8 @@ def fine_tune_one(
         "setting": "default+qat",
         **_scores(metrics),
         "bits_per_value": round(float(metrics["dqa/bits_per_value"]), 4),
-        "memory_saving": round(float(metrics["dqa/memory_saving"]), 4),
+        "per_tensor_saving": round(float(metrics["dqa/per_tensor_saving"]), 4),
+        **_peak(metrics),
         "qat_steps": steps,
         "qat_batch_size": getattr(datamodule, "batch_size", None),
         "qat_lr": lr,
@@ -199,6 +204,18 @@ def _evaluate(trainer: Trainer, model: LightningModule, datamodule: LightningDat
     (metrics,) = run(model, datamodule=datamodule, verbose=False)
     prefix = "val/" if stage == "validate" else "test/"
     return {("eval/" + k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in metrics.items()}
+
+
+def _peak(metrics: dict) -> dict[str, float | None]:
+    """The peak of one image run compressed, as the callback logged it (``None`` where it could not run)."""
+    names = {"peak_fp32_kib": "dqa/peak_fp32_kib_per_image", "peak_stored_kib": "dqa/peak_stored_kib_per_image"}
+    out: dict[str, float | None] = {k: _maybe(metrics, m, 2) for k, m in names.items()}
+    out["peak_saving"] = _maybe(metrics, "dqa/memory_saving", 4)
+    return out
+
+
+def _maybe(metrics: dict, name: str, digits: int) -> float | None:
+    return round(float(metrics[name]), digits) if name in metrics else None
 
 
 def _scores(metrics: dict) -> dict[str, float]:
@@ -241,16 +258,30 @@ def quiet() -> None:
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    """Aligned text table of records."""
-    head = f"{'setting':<8} {'method':<11}{'bits':>5}{'rank':>9}{'acc %':>8}{'bits/val':>9}{'KiB/img':>9}{'saving':>8}"
+    """Aligned text table of records: accuracy, measured bits per value and the whole network's peak.
+
+    ``FP32 KiB`` and ``peak KiB`` are one image's peak activation memory (the arena ``run_compressed`` plans)
+    in full precision and with the quantized activations stored as their bytes; ``saving`` is
+    ``1 - peak / FP32``.
+    """
+    head = (
+        f"{'setting':<8} {'method':<11}{'bits':>5}{'rank':>9}{'acc %':>8}{'bits/val':>9}"
+        f"{'FP32 KiB':>10}{'peak KiB':>10}{'saving':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in records:
         bits = "32" if r["bits"] is None else str(r["bits"])
+        fp32, peak, saving = r.get("peak_fp32_kib"), r.get("peak_stored_kib"), r.get("peak_saving")
         lines.append(
             f"{r['setting']:<8} {r['method']:<11}{bits:>5}{(r['ranking'] or '-'):>9}{r['accuracy']:>8.2f}"
-            f"{r['bits_per_value']:>9.3f}{r['activation_kib_per_image']:>9.1f}{100 * r['memory_saving']:>7.1f}%"
+            f"{r['bits_per_value']:>9.3f}{_num(fp32, 10, '.1f')}{_num(peak, 10, '.1f')}"
+            + (f"{100 * saving:>7.1f}%" if saving is not None else f"{'-':>8}")
         )
     return "\n".join(lines)
+
+
+def _num(value: float | None, width: int, spec: str) -> str:
+    return f"{value:>{width}{spec}}" if value is not None else f"{'-':>{width}}"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

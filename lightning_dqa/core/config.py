@@ -105,7 +105,8 @@ class DQAConfig:
             Needs method ``dqa`` or ``direct`` and a loss for the Fisher statistics.
         target_peak_bytes: with ``target_bits``, also a limit on the whole network's peak activation memory per
             sample, in bytes, as :func:`lightning_dqa.deploy.compressed.run_compressed` measures it (every live tensor
-            in execution order, full-precision shortcuts and skips included). After the ``target_bits``
+            in execution order, full-precision shortcuts and skips included, placed in one arena: its size).
+            After the ``target_bits``
             allocation, calibration runs one sample compressed and, while its peak is above the limit, steps
             down the layer whose codes are live at the peak and lose least per bit saved. A limit below what
             the full-precision tensors at the peak need alone is refused with the figure.

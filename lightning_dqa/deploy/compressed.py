@@ -19,7 +19,9 @@ The output equals the fake-quantized forward bit for bit except for the sign of 
 
 The :class:`CompressedReport` gives each blob's bytes and the peak activation memory of the pass under the
 liveness rule of :mod:`lightning_dqa.deploy.liveness`, for three ways of storing the quantized activations: the blobs,
-uniform 8-bit codes (one byte per value) and full precision (the FP32 network).
+uniform 8-bit codes (one byte per value) and full precision (the FP32 network). Each peak is the size of one
+arena in which every live buffer has a planned offset (greedy by size, as TFLite Micro; :mod:`.arena`); the
+most bytes live at one step, the arena's lower bound, is kept beside it (``report.stored.live_bytes``).
 
 Example:
     >>> import torch
@@ -112,6 +114,11 @@ class CompressedReport:
             constants and not counted).
         fp32: peak of the same pass in full precision.
 
+    Each :class:`~.liveness.Peak`'s ``nbytes`` is its arena's size (every buffer at a planned offset, greedy
+    by size); ``live_bytes`` is the most bytes live at one step, the lower bound of any arena. Greedy planning
+    is not monotone in the buffers' sizes, so smaller codes lower ``live_bytes`` but may, rarely, leave an arena
+    no smaller.
+
     """
 
     batch: int
@@ -138,20 +145,28 @@ class CompressedReport:
         """
         return 8 * sum(b.nbytes for b in self.blobs) / max(sum(b.numel for b in self.blobs), 1)
 
-    def per_image(self) -> dict[str, float]:
-        """Peak bytes per image, ``{"fp32", "int8", "stored"}``: each peak over ``batch``.
+    def per_image(self, live: bool = False) -> dict[str, float]:
+        """Peak bytes per image, ``{"fp32", "int8", "stored"}``: each arena's size over ``batch``.
 
         Blob headers are shared by the batch, so a batch of one gives the exact figure.
+
+        Args:
+            live: give the live-sum lower bounds (``live_bytes``) instead of the arenas' sizes.
+
         """
-        return {k: getattr(self, k).nbytes / max(self.batch, 1) for k in ("fp32", "int8", "stored")}
+        key = "live_bytes" if live else "nbytes"
+        return {k: getattr(getattr(self, k), key) / max(self.batch, 1) for k in ("fp32", "int8", "stored")}
 
     def table(self) -> str:
-        """The per-layer blob bytes and the three peaks as an aligned text table."""
+        """The per-layer blob bytes and the three peaks (arena and live-sum bound) as an aligned text table."""
         rows = [f"{'layer':<32}{'values':>10}{'blob B':>10}{'bits/val':>10}"]
         for b in self.blobs:
             rows.append(f"{b.layer[-32:]:<32}{b.numel:>10}{b.nbytes:>10}{8 * b.nbytes / max(b.numel, 1):>10.3f}")
+        bounds = self.per_image(live=True)
         for k, v in self.per_image().items():
-            rows.append(f"peak {k:<8}{v / 1024:>10.2f} KiB/image at {getattr(self, k).step}")
+            rows.append(
+                f"peak {k:<8}{v / 1024:>10.2f} KiB/image arena, {bounds[k] / 1024:.2f} live at {getattr(self, k).step}"
+            )
         return "\n".join(rows)
 
 

@@ -23,15 +23,19 @@ The rule:
    a concatenation) writes the codes directly and holds no full-precision copy. Decoding is taken as fused
    into the reading layer: the decoded values are not counted (a runtime that decodes a whole tensor before
    the layer runs adds one full-precision copy of that input at that step).
-4. **Peak.** The live bytes of a step are the sizes of the buffers and codes live at it; the peak is their
-   maximum over the steps. Weights, buffers of the model and workspace of the kernels are not activations and
-   are not counted.
+4. **Peak.** Every buffer and every run of codes is placed at an offset in one arena
+   (:func:`lightning_dqa.deploy.arena.plan_arena`, greedy by size as TFLite Micro plans its arena), and the peak
+   is the arena's size: what a device must reserve. The live bytes of a step are the sizes of the buffers and
+   codes live at it; their maximum over the steps (:attr:`Peak.live_bytes`) is a lower bound on any arena and
+   the peak of a runtime that allocates each tensor on its own heap without fragmentation. Weights, buffers of
+   the model and workspace of the kernels are not activations and are not counted.
 
 Example:
     >>> steps = [Step("x", nbytes=12, is_input=True), Step("conv", reads=("x",), nbytes=32),
     ...          Step("relu", reads=("conv",), nbytes=32, elementwise=True), Step("output", reads=("relu",))]
-    >>> peak_memory(steps).nbytes  # x and the conv output; the ReLU runs in place
-    44
+    >>> peak = peak_memory(steps)
+    >>> peak.nbytes, peak.live_bytes  # x and the conv output; the ReLU runs in place
+    (44, 44)
 
 """
 
@@ -39,6 +43,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from lightning_dqa.deploy.arena import Arena, Buffer, plan_arena
 
 __all__ = ["Peak", "QRead", "Step", "peak_memory"]
 
@@ -90,11 +96,16 @@ class Peak:
     """The peak of :func:`peak_memory`.
 
     Attributes:
-        nbytes: the largest live bytes over the steps.
-        step: the first step where it is reached.
+        nbytes: the size of the arena that holds every buffer and every run of codes at its planned offset
+            (:attr:`arena`): the peak a device must reserve. At least :attr:`live_bytes`.
+        step: the first step where the live bytes are largest.
         live: what is live there, ``(description, bytes)``, largest first.
         per_step: the live bytes of every step, in execution order.
         live_layers: the quantized layers whose codes are live there (:attr:`QRead.layer`), in read order.
+        live_bytes: the largest live bytes over the steps (``max(per_step)``): the lower bound of any arena,
+            reached by a fragmentation-free allocator (the figure this module reported as the peak before the
+            arena).
+        arena: the plan: each buffer (named as in :attr:`live`) with its steps and offset.
 
     """
 
@@ -103,6 +114,8 @@ class Peak:
     live: list[tuple[str, int]] = field(default_factory=list)
     per_step: list[int] = field(default_factory=list)
     live_layers: list[str] = field(default_factory=list)
+    live_bytes: int = 0
+    arena: Arena = field(default_factory=lambda: Arena(0))
 
 
 @dataclass
@@ -115,7 +128,7 @@ class _Buffer:
 
 
 def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | None = None) -> Peak:
-    """Peak live activation bytes of ``steps`` under the module's rule.
+    """Peak activation bytes of ``steps`` under the module's rule: the arena's size and the live-sum bound.
 
     Args:
         steps: the pass in execution order; names unique, reads refer to earlier steps.
@@ -151,7 +164,9 @@ def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | Non
     at = max(range(len(steps)), key=lambda i: (per_step[i], -i)) if steps else 0
     live = sorted(((what, size) for what, size, lo, hi, _ in spans if lo <= at <= hi), key=lambda t: -t[1])
     layers = [layer for _, _, lo, hi, layer in spans if layer and lo <= at <= hi]
-    return Peak(per_step[at] if steps else 0, steps[at].name if steps else "", live, per_step, layers)
+    arena = plan_arena([Buffer(size, lo, hi, what) for what, size, lo, hi, _ in spans])
+    bound = per_step[at] if steps else 0
+    return Peak(arena.nbytes, steps[at].name if steps else "", live, per_step, layers, bound, arena)
 
 
 def _check(steps: Sequence[Step]) -> dict[str, int]:

@@ -102,9 +102,12 @@ class DQACallback(Callback):
         verbose: print the calibration summary table.
         check_finite: at the end of each validation / test epoch, raise if NaN or Inf reached a quantized
             layer (named); one device-side reduction per layer and forward, read once per epoch.
-        measure_peak_memory: at test time, run the first test image through
-            :func:`lightning_dqa.deploy.compressed.run_compressed` (every quantized activation stored as bytes) and log
-            the whole network's measured peak activation memory, KiB per image, next to FP32 and 8-bit.
+        measure_peak_memory: once per validation / test epoch, before its first batch runs (never in the sanity
+            check, never before calibration), run that batch's first image through
+            :func:`lightning_dqa.deploy.compressed.run_compressed` (every quantized activation stored as bytes,
+            outside the forward pass) and log the whole network's peak activation memory, KiB per image, next to
+            FP32 and 8-bit, and ``dqa/memory_saving``, the peak's saving. A model that cannot run compressed
+            (e.g. one :mod:`torch.fx` cannot trace) is warned about once and gets no peak figures.
 
     Raises:
         ValueError: at construction, for any invalid argument (the message names it).
@@ -149,7 +152,7 @@ class DQACallback(Callback):
         export_path: str | None = None,
         verbose: bool = True,
         check_finite: bool = True,
-        measure_peak_memory: bool = False,
+        measure_peak_memory: bool = True,
     ) -> None:
         super().__init__()
         args = locals()
@@ -173,6 +176,7 @@ class DQACallback(Callback):
         self.check_finite = check_finite
         self.measure_peak_memory = measure_peak_memory
         self.peak_kib: dict[str, float] = {}
+        self._peak_failed = False  # the model could not run compressed (warned once): no more tries
         self._watch: FiniteWatch | None = None
         self.report: CalibrationReport | None = None
         self.fp32_metric: float | None = None
@@ -288,9 +292,14 @@ class DQACallback(Callback):
     def on_test_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        """With ``measure_peak_memory``, measure the first test image's peak activation memory."""
-        if self.measure_peak_memory and batch_idx == 0 and dataloader_idx == 0 and self._calibrated(pl_module):
-            self.peak_kib = measure_peak_kib(pl_module, self.split_batch(batch)[0])
+        """With ``measure_peak_memory``, measure the peak activation memory (:meth:`_measure_peak`)."""
+        self._measure_peak(trainer, pl_module, batch, batch_idx == 0 and dataloader_idx == 0)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """With ``measure_peak_memory``, measure the peak activation memory (:meth:`_measure_peak`)."""
+        self._measure_peak(trainer, pl_module, batch, batch_idx == 0 and dataloader_idx == 0)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log measured activation memory."""
@@ -503,6 +512,17 @@ class DQACallback(Callback):
                 watcher.reset()
                 watcher.active = True
 
+    def _measure_peak(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, first: bool) -> None:
+        """One compressed run of the first image of an evaluation epoch, before its forward pass.
+
+        Skipped in the sanity check, before calibration, and after a failure (warned once, no figures).
+        """
+        if not first or not self.measure_peak_memory or self._peak_failed or trainer.sanity_checking:
+            return
+        if self._calibrated(pl_module):
+            self.peak_kib = measure_peak_kib(pl_module, self.split_batch(batch)[0])
+            self._peak_failed = not self.peak_kib
+
     def _log_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -514,7 +534,7 @@ class DQACallback(Callback):
             )
         if self.fp32_metric is not None:
             pl_module.log("dqa/fp32_acc", self.fp32_metric, sync_dist=False)
-        for key, value in self.peak_kib.items():  # measured on one image: peak KiB and blob bits per value
+        for key, value in self.peak_kib.items():  # one image: peak KiB, memory_saving, blob bits per value
             pl_module.log(f"dqa/{key}", value, sync_dist=False)
         if self._meter is None or not self._calibrated(pl_module) or not self._meter.has_data():
             return

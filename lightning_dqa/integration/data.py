@@ -284,37 +284,61 @@ def fp32_accuracy(
 
 @torch.no_grad()
 def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any) -> dict[str, float]:
-    """Measured figures of one image run compressed, by metric name under ``dqa/``.
+    """Measured figures of one image run compressed, by metric name under ``dqa/``; ``{}`` when it cannot run.
 
-    ``peak_{stored,int8,fp32}_kib_per_image``: the whole network's peak activation KiB; and
-    ``stored_bits_per_value``: ``8 * sum(blob bytes) / values`` of the blobs that run really wrote
-    (:attr:`~lightning_dqa.deploy.compressed.CompressedReport.bits_per_value`). Runs the first sample of ``inputs``
-    through :func:`lightning_dqa.deploy.compressed.run_compressed`; a model it cannot run (e.g. one :mod:`torch.fx`
-    cannot trace) gets a warning and no figures.
+    Runs the first sample of ``inputs`` (e.g. ``(N, C, H, W)`` images; only ``inputs[:1]`` is read) through
+    :func:`lightning_dqa.deploy.compressed.run_compressed` once, in eval mode, and returns:
+
+    * ``peak_{stored,fp32,int8}_kib_per_image``: the whole network's peak activation KiB, each the size of the
+      arena that holds every live buffer at a planned offset (:mod:`lightning_dqa.deploy.arena`), with the
+      quantized activations as their blobs, in full precision, and at 8 bits per value;
+    * ``live_{stored,fp32,int8}_kib_per_image``: the most KiB live at one step, the arenas' lower bound;
+    * ``memory_saving``: ``1 - peak_stored / peak_fp32``, what storing the codes saves of the memory a device
+      must hold (negative when the stored pass needs more);
+    * ``stored_bits_per_value``: ``8 * sum(blob bytes) / values`` of the blobs that run really wrote
+      (:attr:`~lightning_dqa.deploy.compressed.CompressedReport.bits_per_value`).
+
+    A model it cannot run (one :mod:`torch.fx` cannot trace, a non-tensor input, or any other failure of the
+    compressed pass) gets a warning naming the error and no figures: a figure is never estimated instead.
     """
     if not isinstance(inputs, Tensor):
-        rank_zero_warn(f"DQACallback: measure_peak_memory needs a tensor input, got {type(inputs).__name__}")
+        rank_zero_warn(
+            f"DQACallback: measure_peak_memory needs a tensor input, got {type(inputs).__name__}; no peak "
+            "activation memory (dqa/memory_saving) is logged"
+        )
         return {}
     was_training = pl_module.training
     pl_module.eval()
     try:
         _, report = run_compressed(pl_module, inputs[:1])
-    except (ValueError, TypeError, NotImplementedError) as err:
-        rank_zero_warn(f"DQACallback: measure_peak_memory could not run the model compressed: {err}")
+    except Exception as err:  # a side measurement: whatever stops the compressed pass must not stop the run
+        rank_zero_warn(
+            f"DQACallback: measure_peak_memory could not run the model compressed, so no peak activation memory "
+            f"(dqa/memory_saving) is logged: {type(err).__name__}: {err}"
+        )
         return {}
     finally:
         pl_module.train(was_training)
-    out = {f"peak_{key}_kib_per_image": nbytes / 1024 for key, nbytes in report.per_image().items()}
+    peak, live = report.per_image(), report.per_image(live=True)
+    out = {f"peak_{key}_kib_per_image": nbytes / 1024 for key, nbytes in peak.items()}
+    out.update({f"live_{key}_kib_per_image": nbytes / 1024 for key, nbytes in live.items()})
+    out["memory_saving"] = 1.0 - peak["stored"] / peak["fp32"] if peak["fp32"] else 0.0
     out["stored_bits_per_value"] = report.bits_per_value
     return out
 
 
 def log_meter_summary(pl_module: pl.LightningModule, summary: dict[str, Any], per_layer: bool) -> None:
-    """Log the memory meter's summary (:meth:`~.meter.MemoryMeter.compute`) with ``pl_module.log``."""
+    """Log the memory meter's summary (:meth:`~.meter.MemoryMeter.compute`) with ``pl_module.log``.
+
+    The meter's saving, ``1 - bits_per_value / 32`` over the quantized tensors each at its own bits, is logged as
+    ``dqa/per_tensor_saving``: it is not what a device saves, since a peak also holds full-precision tensors
+    (shortcuts, skips, a convolution's output before it is coded). ``dqa/memory_saving`` is the peak's saving,
+    from :func:`measure_peak_kib`.
+    """
     pl_module.log("dqa/bits_per_value", summary["bits_per_value"])
     pl_module.log("dqa/activation_bytes_per_sample", summary["bytes_per_sample"])
     pl_module.log("dqa/fp32_activation_bytes_per_sample", summary["fp32_bytes_per_sample"])
-    pl_module.log("dqa/memory_saving", summary["saving"])
+    pl_module.log("dqa/per_tensor_saving", summary["saving"])
     if per_layer:
         for layer, bpv in summary["per_layer_bits_per_value"].items():
             pl_module.log(f"dqa/layer/{layer}/bits_per_value", bpv)

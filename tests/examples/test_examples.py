@@ -64,6 +64,7 @@ def test_results_page_is_what_the_committed_json_renders(tmp_path: Path) -> None
         name: json.loads((results_dir / f"{name}.json").read_text()) for name in ("mobilenetv2_cifar10", "unet_camvid")
     }
     results["memory"] = json.loads((results_dir / "memory_networks.json").read_text())
+    results["peak_table"] = json.loads((results_dir / "peak_table.json").read_text())
     png = tmp_path / "results" / "plot.png"
     png.parent.mkdir()
     text = render(results, png)

@@ -97,7 +97,7 @@ def test_csv_logger_receives_the_dqa_metrics(tmp_path: Path):
     with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     columns = set(rows[0])
-    assert {"dqa/bits_per_value", "dqa/memory_saving", "dqa/calibration_samples"} <= columns
+    assert {"dqa/bits_per_value", "dqa/memory_saving", "dqa/per_tensor_saving", "dqa/calibration_samples"} <= columns
     bits = [float(r["dqa/bits_per_value"]) for r in rows if r["dqa/bits_per_value"]]
     assert len(bits) == 1 and 4.0 <= bits[0] < 32.0
 
@@ -114,5 +114,5 @@ def test_tensorboard_logger_receives_the_dqa_metrics(tmp_path: Path):
     acc = event_accumulator.EventAccumulator(str(logger.log_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"dqa/bits_per_value", "dqa/memory_saving", "dqa/calibration_samples"} <= tags
+    assert {"dqa/bits_per_value", "dqa/memory_saving", "dqa/per_tensor_saving", "dqa/calibration_samples"} <= tags
     assert 4.0 <= acc.Scalars("dqa/bits_per_value")[0].value < 32.0

@@ -243,19 +243,54 @@ def test_loaders_with_a_distributed_sampler_are_not_sharded_again():
     assert len(list(rank_shard(plain, Identity(), world=2, rank=1))) == 4  # every other of 8 batches
 
 
-def test_measured_peak_memory_is_logged_at_test_time():
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_measured_peak_memory_is_logged_by_default(stage: str):
     from lightning_dqa.deploy.compressed import run_compressed
 
     model = BareNet()
-    cb = DQACallback(bits=3, calibration_samples=64, calibration_source="val", measure_peak_memory=True)
+    cb = DQACallback(bits=3, calibration_samples=64, calibration_source="val")
     t = trainer(callbacks=[cb])
-    t.test(model, dataloaders=loader())
+    getattr(t, stage)(model, dataloaders=loader())
     logged = {k: float(t.callback_metrics[f"dqa/peak_{k}_kib_per_image"]) for k in ("stored", "int8", "fp32")}
-    assert 0 < logged["stored"] <= logged["int8"] <= logged["fp32"]
+    bounds = {k: float(t.callback_metrics[f"dqa/live_{k}_kib_per_image"]) for k in ("stored", "int8", "fp32")}
+    assert all(0 < bounds[k] <= logged[k] for k in logged)  # an arena holds at least what is live at once
+    assert 0 < bounds["stored"] <= bounds["int8"] <= bounds["fp32"]
     _, report = run_compressed(model.eval(), next(iter(loader()))[0][:1])
     assert logged == pytest.approx({k: v / 1024 for k, v in report.per_image().items()})
+    # the headline is the peak's saving, the per-tensor sum has its own name
+    saving = float(t.callback_metrics["dqa/memory_saving"])
+    assert saving == pytest.approx(1 - logged["stored"] / logged["fp32"], rel=1e-6)
+    assert float(t.callback_metrics["dqa/per_tensor_saving"]) != pytest.approx(saving)
     # the logged bits per value are the bytes the blobs really took
     values = sum(b.numel for b in report.blobs)
     want = 8 * sum(b.nbytes for b in report.blobs) / values
     assert float(t.callback_metrics["dqa/stored_bits_per_value"]) == pytest.approx(want, rel=1e-6)
     assert want == report.bits_per_value
+
+
+class Untraceable(BareNet):
+    """Data-dependent control flow: torch.fx cannot trace it, so it cannot run compressed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) if x.sum() > 0 else -self.net(x)
+
+
+def test_a_model_that_cannot_run_compressed_warns_once_and_logs_no_peak():
+    model, cb = Untraceable(), DQACallback(bits=4, calibration_samples=64, calibration_source="val")
+    t = trainer(callbacks=[cb], max_epochs=2, limit_train_batches=1, num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(model, train_dataloaders=loader(), val_dataloaders=loader())
+        t.validate(model, dataloaders=loader())
+    about = [w for w in caught if "measure_peak_memory could not run the model compressed" in str(w.message)]
+    assert len(about) == 1 and "torch.fx" in str(about[0].message)
+    metrics = t.callback_metrics
+    assert "dqa/per_tensor_saving" in metrics and "dqa/bits_per_value" in metrics
+    assert not any(k.startswith(("dqa/peak_", "dqa/live_")) or k == "dqa/memory_saving" for k in metrics)
+
+
+def test_measure_peak_memory_off_logs_no_peak():
+    cb = DQACallback(bits=4, calibration_samples=64, calibration_source="val", measure_peak_memory=False)
+    t = trainer(callbacks=[cb])
+    t.validate(BareNet(), dataloaders=loader())
+    assert "dqa/memory_saving" not in t.callback_metrics and "dqa/per_tensor_saving" in t.callback_metrics
