@@ -368,14 +368,22 @@ class DQACallback(Callback):
     def _choose_objective(self, pl_module: pl.LightningModule, batches: Iterable[Any]) -> _Chosen:
         """Resolve ``objective`` on the first calibration batch (when a loss is needed); the batches, intact."""
         needs_loss = self.config.needs_gradients
-        if not needs_loss and not (self.config.selects_channels and self.config.ranking == "greedy"):
+        greedy = self.config.selects_channels and self.config.ranking == "greedy"
+        if not needs_loss and not greedy:
             return _Chosen(batches, "")
-        if type(self).calibration_loss is not DQACallback.calibration_loss:
+        if needs_loss and type(self).calibration_loss is not DQACallback.calibration_loss:
             return _Chosen(batches, f"{type(self).__name__}.calibration_loss (overridden)")
         it = iter(batches)
         first = next(it, None)
         if first is None:
             return _Chosen(it, "")
+        batches = itertools.chain([first], it)
+        if not needs_loss:  # greedy only: say what its score reads (calibration_objective)
+            if type(self).calibration_objective is not DQACallback.calibration_objective:
+                return _Chosen(batches, f"{type(self).__name__}.calibration_objective (overridden)")
+            if self.split_batch(first)[1] is None or self.objective == "output":
+                return _Chosen(batches, "greedy score: minus the output divergence from FP32")
+            return _Chosen(batches, f"greedy score: {self.greedy_objective} against the targets")
         set_quantizers_enabled(pl_module, False)
         was_training = pl_module.training
         try:
@@ -385,10 +393,7 @@ class DQACallback(Callback):
             pl_module.train(was_training)
         if note is not None:
             rank_zero_warn(f"DQACallback calibrates with the output objective: {note}")
-        used = self._objective.used
-        if not needs_loss:  # greedy only: what its score reads
-            used = "output divergence (greedy score)" if self._objective.kind == "output" else ""
-        return _Chosen(itertools.chain([first], it), used)
+        return _Chosen(batches, self._objective.used)
 
     def _reference(self, batch: Any) -> Any:
         """The FP32 model's output for a calibration batch (computed once per batch with the quantizers off)."""

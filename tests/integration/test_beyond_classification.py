@@ -125,7 +125,7 @@ def test_unlabeled_data_calibrates_with_the_output_objective(ranking: str):
         assert cb.report.objective.startswith("output (FP32-vs-quantized divergence, auto); auto: Features has no")
         assert all(s.grad_seen for s in cb.report.stats.values())
     else:
-        assert cb.report.objective == "output divergence (greedy score)"
+        assert cb.report.objective == "greedy score: minus the output divergence from FP32"
 
 
 class UnpacksLabels(Features):
