@@ -235,6 +235,10 @@ class ActivationQuantizer(nn.Module):
             n = read_int(entry, "bits", owner, min(WIDTHS), max(WIDTHS))
             m = read_int(entry, "extra_bits", owner, 0, MAX_EXTRA_BITS)
             widths = {"bits": torch.tensor(n), "extra_bits": torch.tensor(m)}
+        elif read_int(entry, "bits", owner, 0, 16) == 0 and self.n != 0:
+            # a layer calibration left in full precision (never called as a module, e.g. an attention out_proj)
+            widths = {"bits": torch.tensor(0), "extra_bits": torch.tensor(self.m)}
+            fields += [("extra_bits", self.m, 0, 16)]
         else:
             fields += [("bits", self.n, 0, 16), ("extra_bits", self.m, 0, 16)]
         for field, mine, lo, hi in fields:

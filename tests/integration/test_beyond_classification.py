@@ -342,3 +342,22 @@ def test_a_checkpoint_with_skipped_layers_reloads_them_skipped(tmp_path):
     x = next(iter(labeled_images()))[0]
     with torch.no_grad():
         assert torch.equal(model.eval()(x), other.eval()(x))
+
+
+def test_an_artifact_with_skipped_layers_applies_them_skipped(tmp_path):
+    from lightning_dqa import apply_artifact, export_artifact
+
+    model = Classifier(vit())
+    cb = DQACallback(bits=4, calibration_samples=32, calibration_source="val", export_path=str(tmp_path / "a.json"))
+    with pytest.warns(UserWarning, match="never called"):
+        quiet_trainer(callbacks=[cb]).validate(model, dataloaders=labeled_images())
+    export_artifact(model, tmp_path / "b.json", cb.config)
+    for path in ("a.json", "b.json"):
+        fresh = Classifier(vit())
+        apply_artifact(fresh, tmp_path / path)
+        x = next(iter(labeled_images()))[0]
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), fresh.eval()(x)), path
+        assert {n for n, q in quantizers_of(fresh).items() if q.passthrough} == {
+            n for n, q in quantizers_of(model).items() if q.passthrough
+        }
