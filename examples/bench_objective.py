@@ -56,14 +56,21 @@ def datamodule(net: str) -> Any:
     return CIFAR10DataModule(root=str(SHARED / "data" / "cifar10"), batch_size=128, eval_batch_size=500)
 
 
-def runs(net: str, budgets: list[float]) -> list[dict[str, Any]]:
+def runs(
+    net: str, budgets: list[float], objectives: list[str] | None = None, uniform: bool = True
+) -> list[dict[str, Any]]:
+    """Records of the uniform direct runs and of every (objective, budget) pair of one network.
+
+    ``objectives`` as ``name:divergence`` strings (e.g. ``output:mse``); default: the network's list.
+    """
     spec, dm = NETS[net], datamodule(net)
+    pairs = [tuple(o.split(":")) for o in objectives] if objectives else list(spec["objectives"])
     common = dict(
         arch=spec["arch"], weights=spec["weights"], datamodule=dm, model_kwargs=spec["model_kwargs"],
         stage=spec["stage"], calib_samples=spec["calib"], **spec["callback"],
     )  # fmt: skip
-    plan: list[dict[str, Any]] = [dict(method="direct", bits=b) for b in (2, 3, 4)]
-    for objective, divergence in spec["objectives"]:
+    plan: list[dict[str, Any]] = [dict(method="direct", bits=b) for b in (2, 3, 4)] if uniform else []
+    for objective, divergence in pairs:
         for t in budgets:
             plan.append(
                 dict(method="dqa", bits=4, target_bits=t, objective=objective, output_divergence=divergence)
@@ -72,7 +79,8 @@ def runs(net: str, budgets: list[float]) -> list[dict[str, Any]]:
     for p in plan:
         start = time.perf_counter()
         rec = run_one(**common, **p)
-        rec.update(net=net, objective=p.get("objective"), target_bits=p.get("target_bits"),
+        label = None if "objective" not in p else f"{p['objective']}:{p['output_divergence']}"
+        rec.update(net=net, objective=label, target_bits=p.get("target_bits"),
                    seconds=round(time.perf_counter() - start, 1))  # fmt: skip
         print(json.dumps(rec), flush=True)
         out.append(rec)
@@ -104,13 +112,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])
+    parser.add_argument("--objectives", nargs="+", default=None, help="name:divergence pairs, e.g. output:mse")
+    parser.add_argument("--no-uniform", action="store_true", help="skip the uniform direct reference runs")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
     if not (SHARED / "data").is_dir():
         sys.exit(f"needs the shared data at {SHARED}")
     quiet()
     start = time.perf_counter()
-    records = [rec for net in args.nets for rec in runs(net, args.budgets)]
+    records = [rec for net in args.nets for rec in runs(net, args.budgets, args.objectives, not args.no_uniform)]
     for net in args.nets:
         print(table(records, net), "\n")
     took = (time.perf_counter() - start) / 60
