@@ -3,7 +3,8 @@
 A value that a quantized layer and something else both read (a ResNet block's input: its first convolution and
 the residual shortcut; an inverted residual's input: its expansion and the residual add) stays in float32 by
 default (``shared_values="fp32"``). With ``"codes"`` it is quantized once where it is produced, with the reading
-layer's quantizer, and every reader reads those values; ``run_compressed`` stores that layer's blob only.
+layer's quantizer, and every reader reads those values; ``run_compressed`` stores that layer's blob only. With
+``"int8"`` it is stored as 8-bit codes on that layer's clip range, and the layer re-quantizes them.
 
 * ResNet-32 (pretrained, ``../shared``): ``DQACallback(bits=3, shared_values=...)`` in a quiet Trainer,
   ``validate`` on the whole CIFAR-10 test set, exactly as ``examples/reproduce_paper.py``'s ``run_one`` does
@@ -16,6 +17,8 @@ layer's quantizer, and every reader reads those values; ``run_compressed`` store
 Run from the repository root with one thread::
 
     OMP_NUM_THREADS=1 python examples/shared_values.py --out docs/results/shared_values.json
+
+``--modes`` runs some of ``fp32 codes int8`` only.
 
 """
 
@@ -37,7 +40,7 @@ from lightning_dqa import DQAConfig
 from lightning_dqa.core.config import SharedValues
 from lightning_dqa.deploy.compressed import run_compressed
 
-MODES: tuple[SharedValues, ...] = ("fp32", "codes")
+MODES: tuple[SharedValues, ...] = ("fp32", "codes", "int8")
 
 
 def resnet_row(mode: SharedValues, args: argparse.Namespace) -> dict[str, Any]:
@@ -78,12 +81,13 @@ def main() -> None:
     parser.add_argument("--limit-test", type=int, default=None, help="first N test images (default: all)")
     parser.add_argument("--calib", type=int, default=128, help="MobileNetV2 / U-Net calibration images")
     parser.add_argument("--networks", nargs="+", default=["resnet32", "mobilenetv2", "unet"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for name in args.networks:
-        for mode in MODES:
+        for mode in args.modes:
             row = resnet_row(mode, args) if name == "resnet32" else peak_row(name, mode, args)
             rows.append(row)
             keys = ("accuracy", "peak_fp32_kib", "peak_stored_kib", "peak_int8_kib", "peak_step", "coded")

@@ -210,8 +210,8 @@ def attach_quantizers(
             handle = point.layer.register_forward_hook(output_hook)
         object.__setattr__(point.layer, _HANDLES_ATTR, handle)
         out[point.name] = quantizer
-    if config.shared_values == "codes":  # values read by a quantized layer and in full precision: coded once
-        attach_shared(model, out)
+    if config.shared_values != "fp32":  # values read by a quantized layer and in full precision: coded once
+        attach_shared(model, out, config.shared_values)
     return out
 
 

@@ -39,7 +39,7 @@ ScaleMode = Literal["dynamic", "static", "learnable"]
 Code = Literal["signed", "unsigned", "auto"]
 Clipping = Literal["none", "percentile", "mse"]
 Where = Literal["input", "output"]
-SharedValues = Literal["fp32", "codes"]
+SharedValues = Literal["fp32", "codes", "int8"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 RANKINGS: tuple[str, ...] = get_args(Ranking)
@@ -118,7 +118,9 @@ class DQAConfig:
             inverted residual's input): ``fp32`` (default) keeps it in float32 beside the layer's codes;
             ``codes`` quantizes it once, where it is produced, with the reading layer's quantizer, so every
             reader (convolution, residual add, concatenation) reads the same values and the compressed runtime
-            stores only that layer's blob (:mod:`lightning_dqa.core.shared`). ``codes`` needs ``where="input"``,
+            stores only that layer's blob (:mod:`lightning_dqa.core.shared`); ``int8`` stores it instead as 8-bit
+            codes on the reading layer's calibrated clip range (a separate width for the residual stream), which
+            the residual add reads and the layer re-quantizes to its own codes. Both need ``where="input"``,
             a static or learnable scale (re-quantizing must be exact), a method other than ``noisyquant``, and a
             ranking other than ``greedy`` (its fx replay does not run the producers' hooks).
 

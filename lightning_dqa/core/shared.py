@@ -7,7 +7,11 @@ quantized once, where it is produced, with the reading layer's own quantizer: a 
 whose call returns the value (the model's ``forward`` is never replaced) replaces the returned tensor by its
 fake-quantized values, so the convolution, the residual add and the concatenation all read the same values.
 :func:`lightning_dqa.deploy.compressed.run_compressed` then stores the value as that layer's blob only and
-decodes it for every reader.
+decodes it for every reader. With ``shared_values="int8"`` (a separate width for the residual stream) the hook
+gives 8-bit codes instead, on the reading layer's calibrated clip range (:func:`wide_quantize`: its scale times
+``2**(n - 8)``, no important channels); the residual add reads those and the layer re-quantizes them to its own
+``n``/``n + m``-bit codes. Both are derived from the reading layer's quantizer, so nothing new is saved in a
+checkpoint or an artifact.
 
 Finding the values needs a :mod:`torch.fx` trace (quantized layers kept whole, :class:`CallTracer`). A value
 qualifies when a quantized layer (``where="input"``) reads it as its input and another node reads it too. Its
@@ -46,28 +50,37 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, fx, nn
 
+from lightning_dqa.core import functional as F
 from lightning_dqa.core.fxgraph import LeafTracer
 from lightning_dqa.core.quantizers import ActivationQuantizer
 
 __all__ = [
     "SHARED_ATTR",
+    "SHARED_BITS",
     "CallTracer",
     "SharedValue",
     "attach_shared",
     "detach_shared",
     "find_shared",
     "shared_hook",
+    "shared_mode",
     "shared_values_of",
     "suspend_shared",
     "trace_root",
+    "wide_quantize",
+    "wide_quantizer",
 ]
 
 SHARED_ATTR = "_dqa_shared_quantizer"
 """Attribute of a producer module holding the quantizer its output is coded with (a reference, no submodule:
 the quantizer's state stays under its layer's name in the ``state_dict``)."""
 _VALUES_ATTR = "_dqa_shared_values"
+_MODE_ATTR = "_dqa_shared_mode"
+SHARED_BITS = 8
+"""Code width of a shared value with ``shared_values="int8"``."""
 
 
 @dataclass(frozen=True)
@@ -190,15 +203,52 @@ def shared_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     q = module.__dict__.get(SHARED_ATTR)
     if q is None or not isinstance(output, Tensor) or isinstance(output, fx.Proxy):
         return None
-    return q(output)
+    return wide_quantize(q, output) if module.__dict__.get(_MODE_ATTR) == "int8" else q(output)
 
 
-def attach_shared(model: nn.Module, quantizers: Mapping[str, ActivationQuantizer]) -> list[SharedValue]:
-    """Code every shared value of ``model`` at its producer (``shared_values="codes"``); see the module docstring.
+def wide_scale(q: ActivationQuantizer, x: Tensor) -> Tensor:
+    """The ``(C,)`` scales of the 8-bit codes of a value ``q`` reads: ``q``'s clip range on a 256-level grid.
+
+    ``q``'s ``n``-bit scale times ``2**(n - 8)`` (exact: a power of two), so ``q``'s own ``n``-bit and
+    ``(n + m)``-bit grids (``n + m <= 8``) are subsets of it and its range is ``q``'s calibrated one.
+    """
+    return q.current_scale(x) * 2.0 ** (q.n - SHARED_BITS)
+
+
+def wide_quantize(q: ActivationQuantizer, x: Tensor) -> Tensor:
+    """``x`` fake-quantized to the 8-bit codes of ``shared_values="int8"`` (same shape); ``x`` when ``q`` is off."""
+    if not q.enabled or q.passthrough:
+        return x
+    lo, hi = F.quant_range(SHARED_BITS, q.is_signed)
+    scale = wide_scale(q, x)
+    qmin, qmax = torch.full_like(scale, float(lo)), torch.full_like(scale, float(hi))
+    return F.mixed_fake_quantize(x, scale, qmin, qmax, q.channel_dim, q.fp_mask)
+
+
+def wide_quantizer(q: ActivationQuantizer, x: Tensor) -> ActivationQuantizer:
+    """A transient 8-bit quantizer (no important channels) that codes ``x`` as :func:`wide_quantize` does.
+
+    The compressed runtime writes a shared value's blob with it; nothing of it is saved.
+    """
+    wide = ActivationQuantizer(
+        q.num_channels, bits=SHARED_BITS, extra_bits=1, scale_mode="static", signed=q.is_signed,
+        channel_dim=q.channel_dim, name=f"{q.name} (8-bit shared)",
+    )  # fmt: skip
+    wide.set_static_scale(wide_scale(q, x))
+    wide.calibrated.fill_(True)
+    return wide.to(x.device)
+
+
+def attach_shared(
+    model: nn.Module, quantizers: Mapping[str, ActivationQuantizer], mode: str = "codes"
+) -> list[SharedValue]:
+    """Code every shared value of ``model`` at its producer; see the module docstring.
 
     Args:
         model: the model, quantizers just installed (as ``dqa_quantizer`` submodules, by layer name).
         quantizers: the installed quantizers by layer name.
+        mode: ``codes`` (the reading layer's codes) or ``int8`` (8-bit codes on its clip range,
+            :func:`wide_quantize`; the reading layer re-quantizes them).
 
     Returns:
         The shared values found, coded ones and those left in full precision (``producer is None``); a
@@ -217,7 +267,7 @@ def attach_shared(model: nn.Module, quantizers: Mapping[str, ActivationQuantizer
         _, values, _ = find_shared(root, layers)
     except Exception as err:
         raise ValueError(
-            f"Expected a model torch.fx can trace with shared_values='codes' (shared values are found on its "
+            f"Expected a model torch.fx can trace with shared_values={mode!r} (shared values are found on its "
             f"graph), got {type(root).__name__}: {type(err).__name__}: {err}. Hint: use shared_values='fp32'"
         ) from err
     for v in values:
@@ -225,6 +275,7 @@ def attach_shared(model: nn.Module, quantizers: Mapping[str, ActivationQuantizer
             continue
         producer = root.get_submodule(v.producer)
         object.__setattr__(producer, SHARED_ATTR, quantizers[prefix + v.layer])
+        object.__setattr__(producer, _MODE_ATTR, mode)
         producer.register_forward_hook(shared_hook)
     values = [SharedValue(v.value, prefix + v.layer, v.readers, v.producer and prefix + v.producer, v.reason)
               for v in values]  # fmt: skip
@@ -232,7 +283,7 @@ def attach_shared(model: nn.Module, quantizers: Mapping[str, ActivationQuantizer
     left = [f"{v.value} (read by {v.layer}: {v.reason})" for v in values if v.producer is None]
     if left:
         warnings.warn(
-            f"shared_values='codes' leaves {len(left)} shared value(s) in full precision: " + "; ".join(left),
+            f"shared_values={mode!r} leaves {len(left)} shared value(s) in full precision: " + "; ".join(left),
             stacklevel=3,
         )
     return values
@@ -245,6 +296,11 @@ def _prefix(model: nn.Module, root: nn.Module) -> str:
     return name + "."
 
 
+def shared_mode(producer: nn.Module) -> str:
+    """``codes`` or ``int8``: how :func:`attach_shared` codes the value ``producer`` returns."""
+    return str(producer.__dict__.get(_MODE_ATTR, "codes"))
+
+
 def shared_values_of(model: nn.Module) -> list[SharedValue]:
     """The shared values :func:`attach_shared` found on ``model`` (``[]`` when it did not run)."""
     return list(model.__dict__.get(_VALUES_ATTR, []))
@@ -254,6 +310,7 @@ def detach_shared(model: nn.Module) -> None:
     """Remove every producer hook and reference :func:`attach_shared` installed."""
     model.__dict__.pop(_VALUES_ATTR, None)
     for module in model.modules():
+        module.__dict__.pop(_MODE_ATTR, None)
         if module.__dict__.pop(SHARED_ATTR, None) is not None:
             for key, fn in list(module._forward_hooks.items()):
                 if fn is shared_hook:

@@ -59,7 +59,14 @@ from lightning_dqa.codec.layout import check_coder
 from lightning_dqa.core import functional as F
 from lightning_dqa.core.attach import output_hook, quantizers_of
 from lightning_dqa.core.quantizers import ActivationQuantizer
-from lightning_dqa.core.shared import SHARED_ATTR, SharedValue, find_shared, suspend_shared
+from lightning_dqa.core.shared import (
+    SHARED_ATTR,
+    SharedValue,
+    find_shared,
+    shared_mode,
+    suspend_shared,
+    wide_quantizer,
+)
 from lightning_dqa.deploy.layer_bytes import bytes_to_values, quantizer_to_bytes
 from lightning_dqa.deploy.liveness import Peak, QRead, Step, peak_memory
 
@@ -291,15 +298,20 @@ def run_compressed(
 
 def _shared_plan(
     model: nn.Module, shared: list[SharedValue], quantizers: dict[str, ActivationQuantizer], gm: fx.GraphModule
-) -> tuple[dict[fx.Node, str], list[str]]:
-    """The shared values coded at their producer (node -> layer) and, described, those kept in full precision."""
+) -> tuple[dict[fx.Node, tuple[str, str]], list[str]]:
+    """The shared values coded at their producer and, described, those kept in full precision.
+
+    Returns:
+        ``(node -> (reading layer, "codes" or "int8"), descriptions of the values kept in float32)``.
+    """
     nodes = {n.name: n for n in gm.graph.nodes}
-    coded: dict[fx.Node, str] = {}
+    coded: dict[fx.Node, tuple[str, str]] = {}
     kept: list[str] = []
     for v in shared:
         q = quantizers.get(v.layer)
-        if v.producer is not None and q is not None and model.get_submodule(v.producer).__dict__.get(SHARED_ATTR) is q:
-            coded[nodes[v.value]] = v.layer
+        producer = model.get_submodule(v.producer) if v.producer is not None else None
+        if producer is not None and q is not None and producer.__dict__.get(SHARED_ATTR) is q:
+            coded[nodes[v.value]] = (v.layer, shared_mode(producer))
         else:
             why = v.reason or "shared_values is 'fp32'"
             kept.append(f"{v.value} (read by {v.layer} and {len(v.readers) - 1} other(s); {why})")
@@ -334,16 +346,24 @@ def _active_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
 
 @dataclass
 class _Coded:
-    """A shared value stored as one blob of its reading layer; every reader reads the decoded values."""
+    """A shared value stored as one blob; every reader reads the decoded values.
+
+    With ``shared_values="codes"`` the blob is its reading layer's (``own``: that layer takes it as is); with
+    ``int8`` it holds 8-bit codes and the layer re-quantizes the decoded values to its own codes.
+    """
 
     value: str  # the producing node's name
     layer: str
     blob: bytes
     decoded: Tensor  # held for the whole pass, so its storage address names it in every later step
+    own: bool
 
     def qread(self) -> QRead:
-        """The read of its codes (one span in the liveness, however many steps read them)."""
-        return QRead(self.value, len(self.blob), self.decoded.numel(), self.layer, blob=self.value)
+        """The read of its codes (one span in the liveness, however many steps read them).
+
+        8-bit codes name no layer: narrowing the reading layer would not shrink them (the peak limit's step-down).
+        """
+        return QRead(self.value, len(self.blob), self.decoded.numel(), self.layer if self.own else "", blob=self.value)
 
 
 class _Runner:
@@ -351,7 +371,7 @@ class _Runner:
 
     def __init__(
         self, gm: fx.GraphModule, readers: Mapping[fx.Node, str], quantizers: dict[str, ActivationQuantizer],
-        codec: _Codec, coded: Mapping[fx.Node, str],
+        codec: _Codec, coded: Mapping[fx.Node, tuple[str, str]],
     ) -> None:  # fmt: skip
         self.gm, self.readers, self.quantizers, self.codec = gm, readers, quantizers, codec
         self.coded = coded
@@ -387,12 +407,17 @@ class _Runner:
         return output, steps
 
     def _code(self, node: fx.Node, value: Tensor) -> Tensor:
-        """Encode a shared value with its reading layer's quantizer; the decoded values replace it for every reader."""
-        layer = self.coded[node]
+        """Encode a shared value (its reading layer's codes, or 8-bit ones); the decoded values replace it."""
+        layer, mode = self.coded[node]
         q = self.quantizers[layer]
+        own = mode == "codes"
+        if not own:  # the 8-bit blob is no layer's: recorded here (the layer's own re-quantization is recorded too)
+            q = wide_quantizer(q, value)
         blob = quantizer_to_bytes(q, value, coder=self.codec.coder)
         decoded = decode(q, blob)
-        self.decoded[decoded.untyped_storage().data_ptr()] = _Coded(node.name, layer, blob, decoded)
+        self.decoded[decoded.untyped_storage().data_ptr()] = _Coded(node.name, layer, blob, decoded, own)
+        if not own:
+            self.codec.records.append(BlobRecord(q.name, node.name, node.name, len(blob), value.numel(), True))
         return decoded
 
     def _coded_of(self, value: Any) -> _Coded | None:
@@ -411,7 +436,7 @@ class _Runner:
             self.codec.preset[id(self.quantizers[layer])] = held.blobs[node]  # type: ignore[index]
             args = (held.like, *args[1:])
         shared = self._coded_of(held)
-        if shared is not None and held is shared.decoded and shared.layer == layer:
+        if shared is not None and held is shared.decoded and shared.own and shared.layer == layer:
             self.codec.preset[id(self.quantizers[layer])] = shared.blob  # its own codes: no re-encoding
         self.codec.step = node.name
         self.codec.value = source.name if isinstance(source, fx.Node) else node.name

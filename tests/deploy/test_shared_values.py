@@ -1,4 +1,4 @@
-"""``shared_values="codes"``: a value read by a quantized layer and in full precision is coded once, at its producer.
+"""``shared_values="codes"`` / ``"int8"``: a value a quantized layer and others read is coded once, at its producer.
 
 Guarantees held here: the compressed pass equals the fake-quantized forward bit for bit; the shared value is
 stored as its reading layer's blob only (no float copy of it is live after the step that produces it); the
@@ -47,9 +47,10 @@ def compressed(name: str, mode: str) -> tuple[nn.Module, Tensor, Tensor, Compres
     return model, x, out, report
 
 
+@pytest.mark.parametrize("mode", ["codes", "int8"])
 @pytest.mark.parametrize("name", sorted(NETWORKS))
-def test_compressed_equals_fake_quantized_and_stores_no_float_copy(name: str) -> None:
-    model, x, out, report = compressed(name, "codes")
+def test_compressed_equals_fake_quantized_and_stores_no_float_copy(name: str, mode: str) -> None:
+    model, x, out, report = compressed(name, mode)
     with torch.no_grad():
         assert torch.equal(out + 0.0, model(x) + 0.0)
     index = {s.name: i for i, s in enumerate(report.steps)}
@@ -63,13 +64,24 @@ def test_compressed_equals_fake_quantized_and_stores_no_float_copy(name: str) ->
     assert report.fp_shared == []  # every shared value of the demo networks has a producer module
 
 
+@pytest.mark.parametrize("mode", ["codes", "int8"])
 @pytest.mark.parametrize("name", ["resnet32", "mobilenetv2"])
-def test_codes_make_a_smaller_arena(name: str) -> None:
+def test_codes_make_a_smaller_arena(name: str, mode: str) -> None:
     *_, before = compressed(name, "fp32")
-    *_, after = compressed(name, "codes")
+    *_, after = compressed(name, mode)
     assert before.coded == [] and len(before.fp_shared) == len(after.coded) > 0
     assert after.stored.nbytes < before.stored.nbytes
     assert after.stored.live_bytes < before.stored.live_bytes
+
+
+def test_int8_stores_eight_bit_blobs_the_layer_requantizes() -> None:
+    """Each shared value is one 8-bit blob of its own; its reading layer writes its narrow codes from it."""
+    *_, report = compressed("resnet32", "int8")
+    wide = {b.value: b for b in report.blobs if b.layer.endswith("(8-bit shared)")}
+    assert sorted(wide) == sorted(report.coded)
+    assert all(8 * b.nbytes >= 8 * b.numel for b in wide.values())  # at least a byte per value
+    narrow = [b for b in report.blobs if b.value in wide and not b.layer.endswith("(8-bit shared)")]
+    assert {b.value for b in narrow} == set(wide) and not any(b.stored for b in narrow)  # made on the fly
 
 
 def test_unet_has_no_value_a_quantized_layer_shares() -> None:
@@ -161,25 +173,27 @@ def test_deepcopy_and_pickle_keep_the_producer_on_the_copied_quantizer() -> None
         ({"where": "output"}, "Expected where to be 'input' .* with shared_values='codes', got where='output'"),
         ({"scale_mode": "dynamic", "clipping": "none"}, "Expected scale_mode to be 'static' or 'learnable'"),
         ({"method": "noisyquant"}, "Expected method to be not 'noisyquant'"),
+        ({"ranking": "greedy", "shared_values": "int8"}, "Expected ranking to be not 'greedy' .* shared_values='int8'"),
         ({"ranking": "greedy"}, "Expected ranking to be not 'greedy'"),
     ],
 )
 def test_settings_it_cannot_honour_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        DQAConfig(shared_values="codes", **changes)
+        DQAConfig(**{"shared_values": "codes", **changes})
 
 
 def test_unknown_value_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"Expected shared_values to be one of \['fp32', 'codes'\], got 'int4'"):
+    with pytest.raises(ValueError, match=r"Expected shared_values to be one of \[.*'int8'\], got 'int4'"):
         DQAConfig(shared_values="int4")  # type: ignore[arg-type]
 
 
-def test_budget_and_peak_limit_run_with_codes() -> None:
-    """``target_bits`` + ``target_peak_bytes`` measure the coded pass: a limit only codes can meet is met."""
+@pytest.mark.parametrize("coded", ["codes", "int8"])
+def test_budget_and_peak_limit_run_with_coded_shared_values(coded: str) -> None:
+    """``target_bits`` + ``target_peak_bytes`` measure the coded pass: a limit only coding can meet is met."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
     peaks = {}
-    for mode in ("fp32", "codes"):
+    for mode in ("fp32", coded):
         torch.manual_seed(0)
         model = build_model("resnet20").eval()
         config = DQAConfig(bits=3, target_bits=4.0, shared_values=mode)
@@ -189,10 +203,10 @@ def test_budget_and_peak_limit_run_with_codes() -> None:
             loss_fn=lambda m, b: TF.cross_entropy(m(b[0]), b[1]),
         )  # fmt: skip
         peaks[mode] = run_compressed(model, x[:1])[1].stored.nbytes
-    assert peaks["codes"] < peaks["fp32"]
+    assert peaks[coded] < peaks["fp32"]
     torch.manual_seed(0)
     model = build_model("resnet20").eval()
-    config = DQAConfig(bits=3, target_bits=4.0, target_peak_bytes=peaks["fp32"] - 1, shared_values="codes")
+    config = DQAConfig(bits=3, target_bits=4.0, target_peak_bytes=peaks["fp32"] - 1, shared_values=coded)
     prepare(model, config)
     calibrate(
         model, config, [(x, y)], example_input=x, forward_fn=lambda m, b: m(b[0]),
