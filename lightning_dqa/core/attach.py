@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dqa.core.config import DQAConfig
 from lightning_dqa.core.noisyquant import NoisyQuantizer
 from lightning_dqa.core.quantizers import ActivationQuantizer
+from lightning_dqa.core.shared import attach_shared, detach_shared
 
 __all__ = [
     "QUANTIZER_ATTR",
@@ -209,6 +210,8 @@ def attach_quantizers(
             handle = point.layer.register_forward_hook(output_hook)
         object.__setattr__(point.layer, _HANDLES_ATTR, handle)
         out[point.name] = quantizer
+    if config.shared_values != "fp32":  # values read by a quantized layer and in full precision: coded once
+        attach_shared(model, out, config.shared_values)
     return out
 
 
@@ -226,7 +229,8 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def detach_quantizers(model: nn.Module) -> None:
-    """Remove every quantizer and its hook from ``model``."""
+    """Remove every quantizer and its hook from ``model`` (and the producer hooks of shared values)."""
+    detach_shared(model)
     for module in model.modules():
         if hasattr(module, QUANTIZER_ATTR):
             handle = module.__dict__.pop(_HANDLES_ATTR, None)

@@ -24,6 +24,7 @@ __all__ = [
     "PAPER_SETTING",
     "RANKINGS",
     "SCALE_MODES",
+    "SHARED_VALUES",
     "WHERE",
     "DQAConfig",
     "paper_config",
@@ -38,6 +39,7 @@ ScaleMode = Literal["dynamic", "static", "learnable"]
 Code = Literal["signed", "unsigned", "auto"]
 Clipping = Literal["none", "percentile", "mse"]
 Where = Literal["input", "output"]
+SharedValues = Literal["fp32", "codes", "int8"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 RANKINGS: tuple[str, ...] = get_args(Ranking)
@@ -45,6 +47,7 @@ CLIPPINGS: tuple[str, ...] = get_args(Clipping)
 SCALE_MODES: tuple[str, ...] = get_args(ScaleMode)
 CODES: tuple[str, ...] = get_args(Code)
 WHERE: tuple[str, ...] = get_args(Where)
+SHARED_VALUES: tuple[str, ...] = get_args(SharedValues)
 LAYER_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear", "ConvTranspose2d")
 MAX_SEED = 2**32 - 1  # seeds are mixed into 64-bit sampling keys and torch generators; Lightning's own bound
 SELECTING_METHODS: tuple[str, ...] = ("dqa",)
@@ -110,6 +113,16 @@ class DQAConfig:
             allocation, calibration runs one sample compressed and, while its peak is above the limit, steps
             down the layer whose codes are live at the peak and lose least per bit saved. A limit below what
             the full-precision tensors at the peak need alone is refused with the figure.
+        shared_values: what becomes of a value that a quantized layer reads *and* something else reads in full
+            precision (a ResNet block's input, feeding its first convolution and the residual shortcut; an
+            inverted residual's input): ``fp32`` (default) keeps it in float32 beside the layer's codes;
+            ``codes`` quantizes it once, where it is produced, with the reading layer's quantizer, so every
+            reader (convolution, residual add, concatenation) reads the same values and the compressed runtime
+            stores only that layer's blob (:mod:`lightning_dqa.core.shared`); ``int8`` stores it instead as 8-bit
+            codes on the reading layer's calibrated clip range (a separate width for the residual stream), which
+            the residual add reads and the layer re-quantizes to its own codes. Both need ``where="input"``,
+            a static or learnable scale (re-quantizing must be exact), a method other than ``noisyquant``, and a
+            ranking other than ``greedy`` (its fx replay does not run the producers' hooks).
 
     """
 
@@ -131,6 +144,7 @@ class DQAConfig:
     seed: int = 0
     target_bits: float | None = None
     target_peak_bytes: float | None = None
+    shared_values: SharedValues = "fp32"
 
     def __post_init__(self) -> None:
         self._check_widths()
@@ -200,6 +214,9 @@ class DQAConfig:
         _choice("scale_mode", self.scale_mode, SCALE_MODES)
         _choice("code", self.code, CODES)
         _choice("where", self.where, WHERE)
+        _choice("shared_values", self.shared_values, SHARED_VALUES)
+        if self.shared_values != "fp32":
+            self._check_shared()
         if (
             isinstance(self.percentile, bool)
             or not isinstance(self.percentile, int | float)
@@ -211,6 +228,24 @@ class DQAConfig:
                 f"Expected clipping='none' with scale_mode='dynamic' (dynamic scales take the run-time "
                 f"maximum), got clipping={self.clipping!r}; use scale_mode='static' to clip"
             )
+
+    def _check_shared(self) -> None:
+        """``shared_values`` other than ``fp32`` needs input quantizers whose re-quantization is exact."""
+        rules = [
+            ("where", self.where, self.where == "input", "'input' (shared values are layer inputs)"),
+            ("scale_mode", self.scale_mode, self.scale_mode != "dynamic",
+             "'static' or 'learnable' (a dynamic scale re-quantizes q(x) with another maximum)"),
+            ("method", self.method, self.method != "noisyquant",
+             "not 'noisyquant' (its noise makes re-quantizing the coded values inexact)"),
+            ("ranking", self.ranking, self.ranking != "greedy" or not self.selects_channels,
+             "not 'greedy' (its fx replay does not run the producers' hooks)"),
+        ]  # fmt: skip
+        for name, value, ok, rule in rules:
+            if not ok:
+                raise ValueError(
+                    f"Expected {name} to be {rule} with shared_values={self.shared_values!r}, got {name}={value!r}; "
+                    "hint: shared_values='fp32' accepts every setting"
+                )
 
     def _check_layers(self) -> None:
         for name in ("include", "exclude"):

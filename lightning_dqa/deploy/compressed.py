@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -58,8 +58,15 @@ from lightning_dqa.codec.entropy import DEFAULT_CODER
 from lightning_dqa.codec.layout import check_coder
 from lightning_dqa.core import functional as F
 from lightning_dqa.core.attach import output_hook, quantizers_of
-from lightning_dqa.core.fxgraph import LeafTracer
 from lightning_dqa.core.quantizers import ActivationQuantizer
+from lightning_dqa.core.shared import (
+    SHARED_ATTR,
+    SharedValue,
+    find_shared,
+    shared_mode,
+    suspend_shared,
+    wide_quantizer,
+)
 from lightning_dqa.deploy.layer_bytes import bytes_to_values, quantizer_to_bytes
 from lightning_dqa.deploy.liveness import Peak, QRead, Step, peak_memory
 
@@ -113,6 +120,10 @@ class CompressedReport:
         int8: peak with each quantized activation at 8 bits per value (no header; static scales are model
             constants and not counted).
         fp32: peak of the same pass in full precision.
+        coded: the shared values (:mod:`lightning_dqa.core.shared`) stored as one blob of their reading layer and
+            decoded for every reader (``shared_values="codes"``), by step name.
+        fp_shared: the shared values kept in full precision, each with its reading layer and the reason (the
+            setting, or why no producer module can code it).
 
     Each :class:`~.liveness.Peak`'s ``nbytes`` is its arena's size (every buffer at a planned offset, greedy
     by size); ``live_bytes`` is the most bytes live at one step, the lower bound of any arena. Greedy planning
@@ -127,6 +138,8 @@ class CompressedReport:
     stored: Peak
     int8: Peak
     fp32: Peak
+    coded: list[str] = field(default_factory=list)
+    fp_shared: list[str] = field(default_factory=list)
 
     @property
     def layer_bytes(self) -> dict[str, int]:
@@ -248,25 +261,25 @@ def run_compressed(
     quantizers = _active_quantizers(model)
     check_coder(coder, torch.ones(1))
     layers = {id(q): model.get_submodule(name) for name, q in quantizers.items()}
+    inputs_read = {  # the layers whose quantizer reads their input
+        name: layers[id(q)]
+        for name, q in quantizers.items()
+        if output_hook not in layers[id(q)]._forward_hooks.values()
+    }
     try:
-        gm = fx.GraphModule(model, LeafTracer({id(m) for m in layers.values()}).trace(model))
+        gm, shared, readers = find_shared(model, inputs_read, layers.values())
     except Exception as err:
         raise ValueError(
             f"run_compressed needs a model that torch.fx can trace, and {type(model).__name__} fails: "
             f"{type(err).__name__}: {err}. Hint: make the data-dependent control flow a leaf module or a "
             "torch.fx.wrap'ed function"
         ) from err
-    readers = {
-        node: name
-        for node in gm.graph.nodes
-        for name, q in quantizers.items()
-        if node.op == "call_module" and gm.get_submodule(str(node.target)) is layers[id(q)]
-        and output_hook not in layers[id(q)]._forward_hooks.values()
-    }  # fmt: skip
+    coded, kept = _shared_plan(model, shared, quantizers, gm)
     args = tree_map(_own_storage, inputs if isinstance(inputs, tuple) else (inputs,))
     codec = _Codec(quantizers, coder)
     try:
-        output, steps = _Runner(gm, readers, quantizers, codec).run(args)
+        with suspend_shared(model):  # the runner codes shared values itself, as bytes
+            output, steps = _Runner(gm, readers, quantizers, codec, coded).run(args)
     finally:
         codec.remove()
     first = next((t for t in tree_leaves(args) if isinstance(t, Tensor) and t.ndim), None)
@@ -277,8 +290,32 @@ def run_compressed(
         stored=peak_memory(steps, lambda r: r.nbytes),
         int8=peak_memory(steps, lambda r: r.numel),
         fp32=peak_memory(steps),
+        coded=[n.name for n in coded],
+        fp_shared=kept,
     )
     return output, report
+
+
+def _shared_plan(
+    model: nn.Module, shared: list[SharedValue], quantizers: dict[str, ActivationQuantizer], gm: fx.GraphModule
+) -> tuple[dict[fx.Node, tuple[str, str]], list[str]]:
+    """The shared values coded at their producer and, described, those kept in full precision.
+
+    Returns:
+        ``(node -> (reading layer, "codes" or "int8"), descriptions of the values kept in float32)``.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    coded: dict[fx.Node, tuple[str, str]] = {}
+    kept: list[str] = []
+    for v in shared:
+        q = quantizers.get(v.layer)
+        producer = model.get_submodule(v.producer) if v.producer is not None else None
+        if producer is not None and q is not None and producer.__dict__.get(SHARED_ATTR) is q:
+            coded[nodes[v.value]] = (v.layer, shared_mode(producer))
+        else:
+            why = v.reason or "shared_values is 'fp32'"
+            kept.append(f"{v.value} (read by {v.layer} and {len(v.readers) - 1} other(s); {why})")
+    return coded, kept
 
 
 def _own_storage(t: Any) -> Any:
@@ -307,17 +344,41 @@ def _active_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
     return active
 
 
+@dataclass
+class _Coded:
+    """A shared value stored as one blob; every reader reads the decoded values.
+
+    With ``shared_values="codes"`` the blob is its reading layer's (``own``: that layer takes it as is); with
+    ``int8`` it holds 8-bit codes and the layer re-quantizes the decoded values to its own codes.
+    """
+
+    value: str  # the producing node's name
+    layer: str
+    blob: bytes
+    decoded: Tensor  # held for the whole pass, so its storage address names it in every later step
+    own: bool
+
+    def qread(self) -> QRead:
+        """The read of its codes (one span in the liveness, however many steps read them).
+
+        8-bit codes name no layer: narrowing the reading layer would not shrink them (the peak limit's step-down).
+        """
+        return QRead(self.value, len(self.blob), self.decoded.numel(), self.layer if self.own else "", blob=self.value)
+
+
 class _Runner:
     """Runs the graph node by node, stores what only quantized layers read, and records the liveness steps."""
 
     def __init__(
         self, gm: fx.GraphModule, readers: Mapping[fx.Node, str], quantizers: dict[str, ActivationQuantizer],
-        codec: _Codec,
+        codec: _Codec, coded: Mapping[fx.Node, tuple[str, str]],
     ) -> None:  # fmt: skip
         self.gm, self.readers, self.quantizers, self.codec = gm, readers, quantizers, codec
+        self.coded = coded
         self.interp = fx.Interpreter(gm)
         self.nodes = list(gm.graph.nodes)
         self.env: dict[fx.Node, Any] = {}
+        self.decoded: dict[int, _Coded] = {}  # storage address of a decoded shared value -> its record
 
     def run(self, args: tuple[Any, ...]) -> tuple[Any, list[Step]]:
         """Returns ``(output, steps)``."""
@@ -338,10 +399,32 @@ class _Runner:
             else:
                 value, qreads = self._call(node)
             steps.append(self._step(node, value, qreads))
+            if node in self.coded and isinstance(value, Tensor):
+                value = self._code(node, value)
             self.env[node] = self._store(node, value) if self._storable(node) else value
             for n in dead.get(i, []):
                 self.env.pop(n, None)
         return output, steps
+
+    def _code(self, node: fx.Node, value: Tensor) -> Tensor:
+        """Encode a shared value (its reading layer's codes, or 8-bit ones); the decoded values replace it."""
+        layer, mode = self.coded[node]
+        q = self.quantizers[layer]
+        own = mode == "codes"
+        if not own:  # the 8-bit blob is no layer's: recorded here (the layer's own re-quantization is recorded too)
+            q = wide_quantizer(q, value)
+        blob = quantizer_to_bytes(q, value, coder=self.codec.coder)
+        decoded = decode(q, blob)
+        self.decoded[decoded.untyped_storage().data_ptr()] = _Coded(node.name, layer, blob, decoded, own)
+        if not own:
+            self.codec.records.append(BlobRecord(q.name, node.name, node.name, len(blob), value.numel(), True))
+        return decoded
+
+    def _coded_of(self, value: Any) -> _Coded | None:
+        """The shared value whose decoded storage ``value`` is (or views), else ``None``."""
+        if isinstance(value, Tensor) and value.numel():
+            return self.decoded.get(value.untyped_storage().data_ptr())
+        return None
 
     def _call(self, node: fx.Node) -> tuple[Any, tuple[QRead, ...]]:
         """Run one node; a quantized reader of a stored value gets a stand-in and decodes its own blob."""
@@ -352,10 +435,15 @@ class _Runner:
         if isinstance(held, _Stored):
             self.codec.preset[id(self.quantizers[layer])] = held.blobs[node]  # type: ignore[index]
             args = (held.like, *args[1:])
+        shared = self._coded_of(held)
+        if shared is not None and held is shared.decoded and shared.own and shared.layer == layer:
+            self.codec.preset[id(self.quantizers[layer])] = shared.blob  # its own codes: no re-encoding
         self.codec.step = node.name
         self.codec.value = source.name if isinstance(source, fx.Node) else node.name
         before = len(self.codec.records)
         value = getattr(self.interp, node.op)(node.target, args, kwargs)
+        if shared is not None:  # reads the shared codes (decoding, and any re-quantization, fused into the layer)
+            return value, (shared.qread(),)
         qreads = tuple(
             QRead(str(self.codec.value), r.nbytes, r.numel, r.layer)
             for r in self.codec.records[before:]
@@ -374,6 +462,7 @@ class _Runner:
             and bool(node.users)
             and all(u in self.readers and u.args[0] is node and node not in u.args[1:] for u in node.users)
             and isinstance(self.env.get(node, None), Tensor | type(None))
+            and self._coded_of(self.env.get(node, None)) is None
         )
 
     def _store(self, node: fx.Node, value: Any) -> Any:
@@ -384,24 +473,38 @@ class _Runner:
         return _Stored(blobs, like)
 
     def _step(self, node: fx.Node, value: Any, qreads: tuple[QRead, ...]) -> Step:
-        """The liveness record of a node: its new bytes, the storage it shares, what it reads."""
+        """The liveness record of a node: its new bytes, the storage it shares, what it reads.
+
+        A read of a decoded shared value (or a view of one) is a read of its codes; a view of one is no buffer.
+        """
         outs = [t for t in tree_leaves(value) if isinstance(t, Tensor)]
         inputs: dict[int, str] = {}
+        shared: dict[str, QRead] = {r.value: r for r in qreads if r.blob}
+        via_codes: set[str] = set()
         for arg in node.all_input_nodes:
             held = self.env.get(arg)
             for t in tree_leaves(held) if not isinstance(held, _Stored) else []:
-                if isinstance(t, Tensor) and t.numel():
+                coded = self._coded_of(t)
+                if coded is not None:
+                    shared.setdefault(coded.value, coded.qread())
+                    via_codes.add(arg.name)
+                elif isinstance(t, Tensor) and t.numel():
                     inputs.setdefault(t.untyped_storage().data_ptr(), arg.name)
         alias, new = None, {}
         for t in outs:
             ptr = t.untyped_storage().data_ptr()
-            if t.numel() and ptr in inputs:
+            if not t.numel() or self._coded_of(t) is not None:  # a view of decoded codes holds no new buffer
+                continue
+            if ptr in inputs:
                 alias = alias or inputs[ptr]
-            elif t.numel():
+            else:
                 new[ptr] = t.untyped_storage().nbytes()
         quantized = {r.value for r in qreads}
         has_data = bool(outs) or node.op == "output"
-        reads = tuple(a.name for a in node.all_input_nodes if has_data and a.name not in quantized)
+        reads = tuple(
+            a.name for a in node.all_input_nodes if has_data and a.name not in quantized and a.name not in via_codes
+        )
+        qreads = (*(r for r in qreads if not r.blob), *shared.values()) if has_data else qreads
         return Step(
             node.name, reads, qreads, sum(new.values()), alias, _elementwise(self.gm, node), node.op == "placeholder"
         )

@@ -22,7 +22,9 @@ The rule:
    (a ReLU run in place after conv-BN); a step that allocates a value read only through quantizers (a pooling,
    a concatenation) writes the codes directly and holds no full-precision copy. Decoding is taken as fused
    into the reading layer: the decoded values are not counted (a runtime that decodes a whole tensor before
-   the layer runs adds one full-precision copy of that input at that step).
+   the layer runs adds one full-precision copy of that input at that step). Reads that name one ``blob`` (a
+   shared value coded once, read by a convolution and by a residual add or a concatenation, decoding fused
+   into each) share one run of codes, live from the value's step to the last of them.
 4. **Peak.** Every buffer and every run of codes is placed at an offset in one arena
    (:func:`lightning_dqa.deploy.arena.plan_arena`, greedy by size as TFLite Micro plans its arena), and the peak
    is the arena's size: what a device must reserve. The live bytes of a step are the sizes of the buffers and
@@ -58,6 +60,9 @@ class QRead:
         nbytes: bytes of the stored codes (a blob's length).
         numel: values in the tensor (for a width-based count, e.g. 8 bits per value).
         layer: the quantized layer that reads it.
+        blob: a name shared by the reads of one stored run of codes (a shared value coded once and read by
+            several steps: its codes are counted once, live to the last of those reads); ``""`` for a run of
+            codes of its own.
 
     """
 
@@ -65,6 +70,7 @@ class QRead:
     nbytes: int
     numel: int
     layer: str = ""
+    blob: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,11 +161,19 @@ def peak_memory(steps: Sequence[Step], codes_bytes: Callable[[QRead], int] | Non
             what = b.owner if len(b.values) == 1 else f"{b.owner}..{b.values[-1]}"
             spans.append((f"{what} (full precision)", b.size, b.start, fp_end[id(b)], ""))
     if codes_bytes is not None:
+        runs: dict[str, tuple[str, int, int, int, str]] = {}  # one span per shared run of codes, to its last read
         for i, step in enumerate(steps):
             for r in step.qreads:
-                if fp_end[id(buffer_of[r.value])] < i:  # else the layer quantizes the live copy on the fly
+                held = buffer_of.get(r.value)
+                if held is not None and fp_end[id(held)] >= i:  # the layer quantizes the live copy on the fly
+                    continue
+                if r.blob:
+                    what = f"{r.value} -> {r.layer or step.name} and every reader (shared codes)"
+                    runs[r.blob] = (what, codes_bytes(r), index[r.value], i, r.layer)
+                else:
                     what = f"{r.value} -> {r.layer or step.name} (codes)"
                     spans.append((what, codes_bytes(r), index[r.value], i, r.layer))
+        spans += runs.values()
     per_step = [sum(size for _, size, lo, hi, _ in spans if lo <= i <= hi) for i in range(len(steps))]
     at = max(range(len(steps)), key=lambda i: (per_step[i], -i)) if steps else 0
     live = sorted(((what, size) for what, size, lo, hi, _ in spans if lo <= at <= hi), key=lambda t: -t[1])
