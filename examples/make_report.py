@@ -173,6 +173,10 @@ def write_report(results: dict[str, Any] | None = None) -> None:
     peak = OUT_DIR / "peak_table.json"  # written by peak_table.py --out
     if peak.exists():
         results["peak_table"] = json.loads(peak.read_text())
+    for key, name in (("objective_fronts", "objective_fronts.json"), ("shared_values", "shared_values.json")):
+        extra = OUT_DIR / name  # written by bench_objective.py / shared_values.py
+        if extra.exists():
+            results[key] = json.loads(extra.read_text())
     from report_render import render
 
     MD_PATH.write_text(render(results, PNG_PATH))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from report_memory import memory_section
+from report_sections import objective_section, shared_section
 
 PAPER_3BIT = {"fp32": 92.49, "direct": 52.85, "noisyquant": 71.22, "dqa": 82.13}
 TARGETS = {3: 89.5, 4: 92.0, 5: 92.4}
@@ -531,6 +532,10 @@ def render(results: dict[str, Any], png: Path) -> str:
         "",
         *_budget(results),
         "",
+        "### 3c. Which objective allocates the budget: the module's loss or the label-free output divergence",
+        "",
+        *objective_section(results.get("objective_fronts")),
+        "",
         "## 4. Overhead",
         "",
         *_overhead(results),
@@ -546,5 +551,10 @@ def render(results: dict[str, Any], png: Path) -> str:
         "## 7. Whole-network activation memory, measured from the bytes",
         "",
         *memory_section(results.get("memory"), results.get("peak_table")),
+        "",
+        "### 7b. Shared values as codes: `shared_values=\"codes\"` or `\"int8\"` (opt-in)",
+        "",
+        *shared_section(results.get("shared_values")),
+        "",
     ]
     return "\n".join(parts)
