@@ -514,6 +514,12 @@ class DQACallback(Callback):
         if loader is not None:
             set_quantizers_enabled(pl_module, False)
             self.fp32_metric = fp32_accuracy(trainer, pl_module, loader, self.split_batch, self.ignore_index)
+            if self.fp32_metric is None:
+                rank_zero_warn(
+                    "DQACallback(fp32_baseline=True) logs top-1 of argmax(dim=1) against integer class targets; this "
+                    "run's batches or outputs have none (regression, detection, unlabeled data), so dqa/fp32_acc is "
+                    "not logged"
+                )
 
     def _reset_meter(self) -> None:
         for watcher in (self._meter, self._watch):

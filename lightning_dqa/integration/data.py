@@ -252,6 +252,14 @@ def find_calibration_loader(
     )
 
 
+def _class_scores(output: Any) -> Tensor | None:
+    """The output's class scores (:func:`primary_output`), or ``None`` for an output without one (detection)."""
+    try:
+        return primary_output(output)
+    except TypeError:
+        return None
+
+
 @torch.no_grad()
 def fp32_accuracy(
     trainer: pl.Trainer,
@@ -260,7 +268,10 @@ def fp32_accuracy(
     split: Callable[[Any], tuple[Any, Tensor | None]],
     ignore_index: int,
 ) -> float | None:
-    """Top-1 accuracy of ``argmax(dim=1)`` over ``loader``, reduced over ranks; ``None`` when batches lack targets.
+    """Top-1 accuracy of ``argmax(dim=1)`` over ``loader``, reduced over ranks.
+
+    ``None`` when the batches carry no integer class targets or the model no class scores of their batch size
+    (regression, detection): there is no top-1 to measure.
 
     The module runs as it is (the caller switches its quantizers off) in eval mode; its mode is restored.
     """
@@ -270,11 +281,14 @@ def fp32_accuracy(
     try:
         for batch in loader:
             x, y = split(trainer.strategy.batch_to_device(batch))
-            if y is None:
-                counts[2] = 1.0  # every rank must still reach the reduce below
+            logits = None
+            if isinstance(y, Tensor) and not y.is_floating_point():
+                logits = _class_scores(pl_module(x))
+            if logits is None or y is None or logits.ndim < 2 or logits.shape[0] != y.shape[0]:
+                counts[2] = 1.0  # no class targets or scores (regression, detection); every rank reaches the reduce
                 break
             valid = y != ignore_index
-            counts[0] += ((primary_output(pl_module(x)).argmax(dim=1) == y) & valid).sum()
+            counts[0] += ((logits.argmax(dim=1) == y) & valid).sum()
             counts[1] += valid.sum()
     finally:
         pl_module.train(was_training)

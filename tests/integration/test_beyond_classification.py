@@ -361,3 +361,13 @@ def test_an_artifact_with_skipped_layers_applies_them_skipped(tmp_path):
         assert {n for n, q in quantizers_of(fresh).items() if q.passthrough} == {
             n for n, q in quantizers_of(model).items() if q.passthrough
         }
+
+
+@pytest.mark.parametrize("case", ["regression", "detection"])
+def test_fp32_baseline_without_class_targets_warns_and_logs_nothing(case: str):
+    model, data = (Denoiser(), denoising_loader()) if case == "regression" else (Detector(), detection_loader())
+    cb = DQACallback(bits=4, calibration_samples=4, calibration_source="val", fp32_baseline=True)
+    t = quiet_trainer(callbacks=[cb], limit_val_batches=1)
+    with pytest.warns(UserWarning, match="dqa/fp32_acc is not logged"):
+        t.validate(model, dataloaders=data)
+    assert cb.fp32_metric is None and "dqa/fp32_acc" not in t.callback_metrics and calibrated(model)
