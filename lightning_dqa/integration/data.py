@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_dqa.calibration.objectives import DIVERGENCES
+from lightning_dqa.core._checks import is_int
 from lightning_dqa.deploy.compressed import run_compressed
 
 __all__ = [
@@ -70,10 +71,6 @@ def check_lifecycle_args(args: Mapping[str, Any]) -> None:
         ValueError: for the first invalid argument.
 
     """
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     samples, source, delay = args["calibration_samples"], args["calibration_source"], args["delay_steps"]
     objective, ignore_index, export_path = args["greedy_objective"], args["ignore_index"], args["export_path"]
     if not is_int(samples) or samples < 1:

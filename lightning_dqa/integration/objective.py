@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -34,14 +34,11 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
-from lightning_dqa.calibration.objectives import Divergence, fisher_probe
+from lightning_dqa.calibration.objectives import Divergence, fisher_probe, output_leaves
 from lightning_dqa.core.attach import QUANTIZER_ATTR
-from lightning_dqa.integration.data import OBJECTIVE_CHOICES, primary_output
+from lightning_dqa.integration.data import primary_output
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveChoice", "training_control_flow"]
-
-ObjectiveChoice = Literal["auto", "training_step", "cross_entropy", "output"]
-OBJECTIVES: tuple[str, ...] = OBJECTIVE_CHOICES
+__all__ = ["Objective", "training_control_flow"]
 
 Split = Callable[[Any], tuple[Any, Tensor | None]]
 
@@ -103,10 +100,12 @@ class Objective:
     """
 
     def __init__(self, choice: str, divergence: Divergence, ignore_index: int, seed: int, split: Split) -> None:
-        self.choice, self.divergence, self.ignore_index, self.seed, self.split = (
-            choice, divergence, ignore_index, seed, split,
-        )  # fmt: skip
-        self.kind = choice
+        self.choice = choice
+        self.divergence = divergence
+        self.ignore_index = ignore_index
+        self.seed = seed
+        self.split = split
+        self.kind = choice  # what resolve() chose: training_step, cross_entropy or output
         self.used = ""
         self._generator: torch.Generator | None = None
 
@@ -143,7 +142,7 @@ class Objective:
             return _cross_entropy(pl_module(x), y, self.ignore_index)
         output = pl_module(x)
         if self._generator is None:
-            device = next((t.device for t in _tensors(output)), torch.device("cpu"))
+            device = next((t.device for _, t in output_leaves(output)), torch.device("cpu"))
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return fisher_probe(output, self.divergence, self._generator)
 
@@ -174,17 +173,6 @@ def _describe(kind: str, divergence: str) -> str:
     if kind == "output":
         return f"output (FP32-vs-quantized divergence, {divergence})"
     return "cross_entropy (logits against the batch's class targets)"
-
-
-def _tensors(output: Any) -> Iterator[Tensor]:
-    if isinstance(output, Tensor):
-        yield output
-    elif isinstance(output, Mapping):
-        for v in output.values():
-            yield from _tensors(v)
-    elif isinstance(output, list | tuple):
-        for v in output:
-            yield from _tensors(v)
 
 
 def _cross_entropy(output: Any, y: Tensor | None, ignore_index: int) -> Tensor:

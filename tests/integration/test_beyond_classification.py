@@ -16,17 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from compat import Classifier, calibrated
 from tiny import TinyConvNet, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_dqa import DQACallback, DQAConfig, calibrate, prepare, run_compressed
 from lightning_dqa.core.attach import quantizers_of
-
-
-def calibrated(model: nn.Module) -> bool:
-    qs = quantizers_of(model).values()
-    return bool(qs) and all(bool(q.calibrated) and q.enabled for q in qs)
 
 
 # ----------------------------------------------------------------------------------------------- regression
@@ -256,21 +252,6 @@ def test_faster_rcnn_fine_tunes_quantized_for_a_few_steps():
 
 
 # ----------------------------------------------------------------------------------------------- transformers
-class Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val/acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
-
-
 def vit() -> nn.Module:
     torch.manual_seed(0)
     return torchvision.models.VisionTransformer(

@@ -10,10 +10,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from compat import calibrated
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from tiny import TinyNet, make_data, quiet_trainer
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_dqa import DQACallback
@@ -24,11 +24,6 @@ from lightning_dqa.integration.progress import CalibrationProgress
 
 def trainer(**kw) -> Trainer:
     return quiet_trainer(**kw)
-
-
-def calibrated(model: nn.Module) -> bool:
-    qs = quantizers_of(model).values()
-    return bool(qs) and all(bool(q.calibrated) and q.enabled for q in qs)
 
 
 class BareNet(pl.LightningModule):
