@@ -65,6 +65,9 @@ __all__ = [
     "attach_shared",
     "detach_shared",
     "find_shared",
+    "is_leading",
+    "leading_quantize",
+    "leading_quantizer",
     "shared_hook",
     "shared_mode",
     "shared_values_of",
@@ -79,6 +82,7 @@ SHARED_ATTR = "_dqa_shared_quantizer"
 the quantizer's state stays under its layer's name in the ``state_dict``)."""
 _VALUES_ATTR = "_dqa_shared_values"
 _MODE_ATTR = "_dqa_shared_mode"
+_LEADING_ATTR = "_dqa_shared_leading"
 SHARED_BITS = 8
 """Code width of a shared value with ``shared_values="int8"``."""
 
@@ -93,6 +97,10 @@ class SharedValue:
         readers: every node reading it, in execution order.
         producer: qualified name of the module whose call returns it (its forward hook codes it), or ``None``.
         reason: why it is left in full precision when ``producer`` is ``None``; ``""`` otherwise.
+        leading: ``True`` when ``layer`` reads it through a concatenation along the channels, as its leading
+            channels (a U-Net skip: ``conv(torch.cat([skip, up], 1))``): it is coded with the first
+            ``C`` channels of ``layer``'s quantizer (:func:`leading_quantize`), which is what ``layer``
+            does to those channels of the concatenation anyway.
 
     """
 
@@ -101,6 +109,7 @@ class SharedValue:
     readers: tuple[str, ...]
     producer: str | None
     reason: str = ""
+    leading: bool = False
 
 
 class CallTracer(LeafTracer):
@@ -167,13 +176,38 @@ def find_shared(
     for node in gm.graph.nodes:
         quantized = [u for u in node.users if u in readers and u.args and u.args[0] is node]
         others = [u for u in node.users if u not in quantized or node in u.args[1:] or node in u.kwargs.values()]
+        leading = False
+        if not quantized:  # read through a concatenation, as the leading channels of a quantized layer's input
+            quantized = [r for u in node.users for r in _cat_readers(u, node, readers)]
+            others = [u for u in node.users if not _cat_readers(u, node, readers)]
+            leading = bool(quantized)
         if not quantized or not others or node.op == "output":
             continue
         producer, reason = _producer(node, tracer)
         layer = readers[min(quantized, key=_position(gm))]
         names = tuple(u.name for u in sorted(node.users, key=_position(gm)))
-        out.append(SharedValue(node.name, layer, names, producer, reason))
+        out.append(SharedValue(node.name, layer, names, producer, reason, leading))
     return gm, out, readers
+
+
+def _cat_readers(cat: fx.Node, node: fx.Node, readers: Mapping[fx.Node, str]) -> list[fx.Node]:
+    """The quantized layers reading ``torch.cat([node, ...], dim=1)`` as their input, when ``cat`` is that.
+
+    ``node`` must be the first tensor of the list (its channels lead, so no shape is needed to slice the
+    layer's quantizer) and appear once; every reader of the concatenation must be a quantized layer.
+    """
+    if cat.op != "call_function" or cat.target is not torch.cat or not cat.args:
+        return []
+    tensors = cat.args[0]
+    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    if not isinstance(tensors, list | tuple) or not tensors or tensors[0] is not node or dim not in (1, -3):
+        return []
+    if sum(t is node for t in tensors) != 1:
+        return []
+    users = list(cat.users)
+    if not users or not all(u in readers and u.args and u.args[0] is cat and cat not in u.args[1:] for u in users):
+        return []
+    return users
 
 
 def _position(gm: fx.GraphModule) -> Any:
@@ -203,7 +237,54 @@ def shared_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     q = module.__dict__.get(SHARED_ATTR)
     if q is None or not isinstance(output, Tensor) or isinstance(output, fx.Proxy):
         return None
-    return wide_quantize(q, output) if module.__dict__.get(_MODE_ATTR) == "int8" else q(output)
+    wide = module.__dict__.get(_MODE_ATTR) == "int8"
+    if module.__dict__.get(_LEADING_ATTR, False):
+        return leading_quantize(q, output, wide)
+    return wide_quantize(q, output) if wide else q(output)
+
+
+def is_leading(producer: nn.Module) -> bool:
+    """Whether ``producer``'s value is coded with the leading channels of its layer's quantizer."""
+    return bool(producer.__dict__.get(_LEADING_ATTR, False))
+
+
+def leading_quantize(q: ActivationQuantizer, x: Tensor, wide: bool = False) -> Tensor:
+    """``x`` fake-quantized as the first ``C`` channels of ``q``'s input, ``C = x.shape[q.channel_dim]``.
+
+    The quantizer acts on each channel alone, so this is ``q`` applied to ``x`` padded with zero channels to
+    ``q.num_channels``, then cut back: exact, differentiable, and it follows ``q``'s scales as they change
+    (calibration, learnable scales). ``wide``: the 8-bit codes of :func:`wide_quantize` instead.
+    """
+    dim = q.channel_dim % x.ndim
+    extra = q.num_channels - x.shape[dim]
+    if extra < 0:
+        raise ValueError(f"Layer {q.name!r}: a leading slice of {x.shape[dim]} channels exceeds its {q.num_channels}")
+    pad = list(x.shape)
+    pad[dim] = extra
+    full = torch.cat([x, x.new_zeros(pad)], dim) if extra else x
+    out = wide_quantize(q, full) if wide else q(full)
+    return out.narrow(dim, 0, x.shape[dim])
+
+
+def leading_quantizer(q: ActivationQuantizer, channels: int) -> ActivationQuantizer:
+    """A transient quantizer of the first ``channels`` channels of ``q`` (its scales, important mask, histogram).
+
+    The compressed runtimes write a leading shared value's blob with it; nothing of it is saved.
+
+    Raises:
+        ValueError: for a quantizer that adds noise (NoisyQuant) or has no static scale.
+    """
+    if q.input_noise() is not None or q.scale_mode == "dynamic":
+        raise ValueError(f"Layer {q.name!r}: a leading channel slice needs a noise-free quantizer with frozen scales")
+    part = ActivationQuantizer(
+        channels, bits=q.n, extra_bits=q.m, scale_mode="static", signed=q.is_signed, channel_dim=q.channel_dim,
+        name=f"{q.name} (channels 0-{channels - 1})",
+    )  # fmt: skip
+    part.set_static_scale(q.current_scale(torch.empty(0)).detach()[:channels])
+    part.important.copy_(q.important[:channels])
+    part.error_counts.copy_(q.error_counts)
+    part.calibrated.fill_(True)
+    return part.to(q.scale.device)
 
 
 def wide_scale(q: ActivationQuantizer, x: Tensor) -> Tensor:
@@ -276,9 +357,10 @@ def attach_shared(
         producer = root.get_submodule(v.producer)
         object.__setattr__(producer, SHARED_ATTR, quantizers[prefix + v.layer])
         object.__setattr__(producer, _MODE_ATTR, mode)
+        object.__setattr__(producer, _LEADING_ATTR, v.leading)
         producer.register_forward_hook(shared_hook)
-    values = [SharedValue(v.value, prefix + v.layer, v.readers, v.producer and prefix + v.producer, v.reason)
-              for v in values]  # fmt: skip
+    values = [SharedValue(v.value, prefix + v.layer, v.readers, v.producer and prefix + v.producer, v.reason,
+                          v.leading) for v in values]  # fmt: skip
     object.__setattr__(model, _VALUES_ATTR, values)
     left = [f"{v.value} (read by {v.layer}: {v.reason})" for v in values if v.producer is None]
     if left:

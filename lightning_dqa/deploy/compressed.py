@@ -63,6 +63,8 @@ from lightning_dqa.core.shared import (
     SHARED_ATTR,
     SharedValue,
     find_shared,
+    is_leading,
+    leading_quantizer,
     shared_mode,
     suspend_shared,
     wide_quantizer,
@@ -298,20 +300,21 @@ def run_compressed(
 
 def _shared_plan(
     model: nn.Module, shared: list[SharedValue], quantizers: dict[str, ActivationQuantizer], gm: fx.GraphModule
-) -> tuple[dict[fx.Node, tuple[str, str]], list[str]]:
+) -> tuple[dict[fx.Node, tuple[str, str, bool]], list[str]]:
     """The shared values coded at their producer and, described, those kept in full precision.
 
     Returns:
-        ``(node -> (reading layer, "codes" or "int8"), descriptions of the values kept in float32)``.
+        ``(node -> (reading layer, "codes" or "int8", leading channels only), descriptions of the values kept
+        in float32)``.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
-    coded: dict[fx.Node, tuple[str, str]] = {}
+    coded: dict[fx.Node, tuple[str, str, bool]] = {}
     kept: list[str] = []
     for v in shared:
         q = quantizers.get(v.layer)
         producer = model.get_submodule(v.producer) if v.producer is not None else None
         if producer is not None and q is not None and producer.__dict__.get(SHARED_ATTR) is q:
-            coded[nodes[v.value]] = (v.layer, shared_mode(producer))
+            coded[nodes[v.value]] = (v.layer, shared_mode(producer), is_leading(producer))
         else:
             why = v.reason or "shared_values is 'fp32'"
             kept.append(f"{v.value} (read by {v.layer} and {len(v.readers) - 1} other(s); {why})")
@@ -371,7 +374,7 @@ class _Runner:
 
     def __init__(
         self, gm: fx.GraphModule, readers: Mapping[fx.Node, str], quantizers: dict[str, ActivationQuantizer],
-        codec: _Codec, coded: Mapping[fx.Node, tuple[str, str]],
+        codec: _Codec, coded: Mapping[fx.Node, tuple[str, str, bool]],
     ) -> None:  # fmt: skip
         self.gm, self.readers, self.quantizers, self.codec = gm, readers, quantizers, codec
         self.coded = coded
@@ -408,15 +411,17 @@ class _Runner:
 
     def _code(self, node: fx.Node, value: Tensor) -> Tensor:
         """Encode a shared value (its reading layer's codes, or 8-bit ones); the decoded values replace it."""
-        layer, mode = self.coded[node]
+        layer, mode, leading = self.coded[node]
         q = self.quantizers[layer]
-        own = mode == "codes"
-        if not own:  # the 8-bit blob is no layer's: recorded here (the layer's own re-quantization is recorded too)
+        own = mode == "codes" and not leading
+        if leading:  # the leading channels of the layer's input (a concatenated skip)
+            q = leading_quantizer(q, value.shape[q.channel_dim])
+        if mode == "int8":  # the 8-bit blob is no layer's: recorded here (the layer's re-quantization is too)
             q = wide_quantizer(q, value)
         blob = quantizer_to_bytes(q, value, coder=self.codec.coder)
         decoded = decode(q, blob)
         self.decoded[decoded.untyped_storage().data_ptr()] = _Coded(node.name, layer, blob, decoded, own)
-        if not own:
+        if not own:  # recorded here: the layer reads and records another blob (or a concatenation)
             self.codec.records.append(BlobRecord(q.name, node.name, node.name, len(blob), value.numel(), True))
         return decoded
 

@@ -57,6 +57,11 @@ def test_random_interval_sets_are_placed_without_overlap_and_above_the_live_boun
     assert live_bytes(buffers) == brute_live_bytes(buffers)
     assert plan.nbytes >= live_bytes(buffers)
     assert plan.nbytes == max((p.end for p in plan.placements), default=0)
+    first, best = plan_arena(buffers, order="first"), plan_arena(buffers, order="best")
+    for other in (first, best):
+        check_disjoint(other)
+        assert other.buffers == buffers and other.nbytes >= live_bytes(buffers)
+    assert best.nbytes == min(plan.nbytes, first.nbytes)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -111,6 +116,11 @@ def test_disjoint_lifetimes_share_offset_zero_and_empty_input() -> None:
     plan = plan_arena([Buffer(7, 0, 0), Buffer(9, 1, 1), Buffer(0, 0, 1), Buffer(3, 2, 2)])
     assert [p.offset for p in plan.placements] == [0, 0, 0, 0] and plan.nbytes == 9
     assert plan_arena([]).nbytes == 0 and plan_arena([]).top is None and live_bytes([]) == 0
+
+
+def test_unknown_order_is_named() -> None:
+    with pytest.raises(ValueError, match="order.*'size', 'first', 'best'.*'largest'"):
+        plan_arena([Buffer(1, 0, 0)], order="largest")
 
 
 @pytest.mark.parametrize("bad", [Buffer(-1, 0, 0, "neg"), Buffer(4, 3, 2, "backwards")])

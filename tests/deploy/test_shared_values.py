@@ -20,9 +20,16 @@ from torch import Tensor, nn
 from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.core.attach import detach_quantizers, quantizers_of
 from lightning_dqa.core.quantizers import ActivationQuantizer
-from lightning_dqa.core.shared import SHARED_ATTR, shared_hook, shared_values_of
+from lightning_dqa.core.shared import (
+    SHARED_ATTR,
+    leading_quantize,
+    leading_quantizer,
+    shared_hook,
+    shared_values_of,
+)
 from lightning_dqa.demos.models import build_model
 from lightning_dqa.deploy.compressed import CompressedReport, run_compressed
+from lightning_dqa.deploy.layer_bytes import bytes_to_values, quantizer_to_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -84,12 +91,30 @@ def test_int8_stores_eight_bit_blobs_the_layer_requantizes() -> None:
     assert {b.value for b in narrow} == set(wide) and not any(b.stored for b in narrow)  # made on the fly
 
 
-def test_unet_has_no_value_a_quantized_layer_shares() -> None:
-    """Its skips are read by a max-pool and a concatenation, neither quantized: nothing to code, nothing changes."""
+def test_unet_skips_are_coded_as_the_leading_channels_of_the_concatenation() -> None:
+    """A skip is read by a max-pool and by ``cat([skip, up])``, which a quantized convolution reads: it is coded
+    with that convolution's quantizer cut to its first channels, and the max-pool reads the same values."""
+    model, _, _, after = compressed("unet", "codes")
     *_, before = compressed("unet", "fp32")
-    *_, after = compressed("unet", "codes")
-    assert before.fp_shared == after.fp_shared == after.coded == []
-    assert after.stored.nbytes == before.stored.nbytes
+    skips = [v for v in shared_values_of(model) if v.leading]
+    assert len(skips) == 2 and {v.value for v in skips} == set(after.coded) == {v.split()[0] for v in before.fp_shared}
+    assert after.fp_shared == []
+    assert after.stored.live_bytes < before.stored.live_bytes
+
+
+def test_leading_quantize_is_the_layer_on_the_first_channels() -> None:
+    """``q(cat([x, y]))`` on ``x``'s channels equals ``leading_quantize(q, x)``, and its transient quantizer's blob
+    decodes to the same values."""
+    q = ActivationQuantizer(6, bits=3, extra_bits=2, scale_mode="static", signed=False, name="conv")
+    g = torch.Generator().manual_seed(0)
+    q.set_static_scale(torch.rand(6, generator=g) + 0.1)
+    q.important.copy_(torch.tensor([True, False, False, True, False, True]))
+    q.error_counts.copy_(torch.tensor([5, 3, 2, 1]))
+    q.calibrated.fill_(True)
+    x, y = torch.rand(2, 4, 5, 7, generator=g) * 3, torch.rand(2, 2, 5, 7, generator=g) * 3
+    assert torch.equal(leading_quantize(q, x), q(torch.cat([x, y], 1))[:, :4])
+    part = leading_quantizer(q, 4)
+    assert torch.equal(bytes_to_values(part, quantizer_to_bytes(part, x)), leading_quantize(q, x))
 
 
 def test_default_installs_nothing() -> None:
