@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from lightning_dqa.core.attach import prepare
     from lightning_dqa.core.config import DQAConfig, paper_config
     from lightning_dqa.deploy.artifact import apply_artifact, export_artifact, load_artifact
+    from lightning_dqa.deploy.banded import BandedReport, run_banded
     from lightning_dqa.deploy.checkpoint import load_quantized
     from lightning_dqa.deploy.compressed import CompressedReport, run_compressed
     from lightning_dqa.deploy.onnx.export import export_onnx
@@ -38,6 +39,8 @@ _PUBLIC: dict[str, str] = {
     "calibrate": "lightning_dqa.calibration.engine",
     "CalibrationReport": "lightning_dqa.calibration.report",
     "run_compressed": "lightning_dqa.deploy.compressed",
+    "run_banded": "lightning_dqa.deploy.banded",
+    "BandedReport": "lightning_dqa.deploy.banded",
     "CompressedReport": "lightning_dqa.deploy.compressed",
     "export_artifact": "lightning_dqa.deploy.artifact",
     "apply_artifact": "lightning_dqa.deploy.artifact",
@@ -49,6 +52,7 @@ _PUBLIC: dict[str, str] = {
 }
 
 __all__ = [
+    "BandedReport",
     "CalibrationReport",
     "CompressedReport",
     "DQACallback",
@@ -62,6 +66,7 @@ __all__ = [
     "native_status",
     "paper_config",
     "prepare",
+    "run_banded",
     "run_compressed",
     "verify_onnx",
 ]

@@ -119,7 +119,7 @@ def test_disjoint_lifetimes_share_offset_zero_and_empty_input() -> None:
 
 
 def test_unknown_order_is_named() -> None:
-    with pytest.raises(ValueError, match="order.*'size', 'first', 'best'.*'largest'"):
+    with pytest.raises(ValueError, match=r"order.*'size', 'first', 'best'.*'largest'"):
         plan_arena([Buffer(1, 0, 0)], order="largest")
 
 

@@ -1,0 +1,204 @@
+"""``run_banded``: the row-banded runtime computes what the fake-quantized forward computes, and says what it holds.
+
+Bands change no float sum of a convolution, but a kernel may order a sum by the tensor's shape, and an element-wise
+kernel may round its vector body and its scalar tail differently; so on real weights the banded output may differ
+from the fake-quantized one in the last bits (``docs/RESULTS.md`` gives the largest difference and the agreement on
+the test sets). These tests make every sum exact instead: weights are multiples of 1/2 in [-1, 1], biases zero,
+BatchNorm multiplies by 1/4 or 1/2, activations are ReLU-like, every convolution reads quantized values and every
+quantizer has one power-of-two scale for all its channels. Every value is then a dyadic number of at most about 20
+significant bits, so any order of any sum gives the same bits, on any CPU, and the banded output must equal the
+fake-quantized forward bit for bit (up to the sign of zeros), whatever the band height.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from lightning_dqa import DQAConfig, calibrate, prepare, run_banded
+from lightning_dqa.core.attach import quantizers_of
+from lightning_dqa.core.quantizers import ActivationQuantizer
+from lightning_dqa.demos.models import build_model
+from lightning_dqa.deploy.arena import live_bytes
+from lightning_dqa.deploy.banded import BandedBlob, BandedReport
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LAYERS = ("Conv2d", "ConvTranspose2d", "Linear")  # every convolution reads quantized values
+_RELU_LIKE = {nn.Hardswish: nn.ReLU, nn.SiLU: nn.ReLU, nn.Hardsigmoid: nn.ReLU6, nn.Sigmoid: nn.ReLU6}
+
+
+def tv(name: str) -> nn.Module:
+    return getattr(torchvision.models, name)(weights=None)
+
+
+NETWORKS = {
+    "resnet32": (lambda: build_model("resnet32"), (3, 32, 32)),
+    "mobilenetv2": (lambda: build_model("mobilenetv2", width_mult=0.5, dropout=0.0), (3, 32, 32)),
+    "unet": (lambda: build_model("unet", base_width=8, depth=3), (3, 45, 61)),  # odd sizes: zero-padded skips
+    "resnet18": (lambda: tv("resnet18"), (3, 64, 64)),
+    "mobilenet_v3_small": (lambda: tv("mobilenet_v3_small"), (3, 64, 64)),
+    "efficientnet_b0": (lambda: tv("efficientnet_b0"), (3, 64, 64)),
+}
+
+
+def dyadic(model: nn.Module, g: torch.Generator) -> nn.Module:
+    """``model`` with every sum exact in float32 (see the module docstring); activations made ReLU-like."""
+    for name, m in list(model.named_modules()):
+        for kind, relu in _RELU_LIKE.items():
+            if isinstance(m, kind) and name:
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, relu())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+                m.weight.copy_(torch.randint(-2, 3, m.weight.shape, generator=g) / 2)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.eps = 0.0
+                m.running_var.fill_(1.0)
+                m.running_mean.zero_()
+                m.weight.copy_(2.0 ** -torch.randint(1, 3, m.weight.shape, generator=g))
+                m.bias.zero_()
+    return model
+
+
+def calibrated(name: str, shared_values: str = "codes", batch: int = 1) -> tuple[nn.Module, Tensor]:
+    """A calibrated dyadic copy of a network and an input of dyadic values."""
+    build, shape = NETWORKS[name]
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = dyadic(build(), g).eval()
+    config = DQAConfig(bits=3, ranking="energy", shared_values=shared_values, layer_types=LAYERS)
+    prepare(model, config)
+    images = torch.randint(-8, 9, (2, *shape), generator=g) / 8
+    calibrate(model, config, [images], forward_fn=lambda m, b: m(b))
+    with torch.no_grad():
+        for q in quantizers_of(model).values():
+            q.set_static_scale(torch.full_like(q.scale, 2.0 ** torch.round(torch.log2(q.scale.max())).item()))
+    return model, torch.randint(-8, 9, (batch, *shape), generator=g) / 8
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_banded_output_equals_the_fake_quantized_forward(name: str) -> None:
+    model, x = calibrated(name)
+    with torch.no_grad():
+        reference = model(x) + 0.0
+    for band_rows in (1, 3):
+        out, report = run_banded(model, x, band_rows=band_rows)
+        assert torch.equal(out + 0.0, reference), f"{name}, band_rows={band_rows}"
+        assert report.whole == []  # every node of these networks runs in bands
+        check_report(report)
+
+
+def check_report(report: BandedReport) -> None:
+    """What every report guarantees: planned arenas, codes smaller than floats, the input and output apart."""
+    for scheme in ("stored", "int8", "fp32"):
+        plan = report.arena(scheme)
+        assert plan.nbytes >= live_bytes(plan.buffers)
+        for i, p in enumerate(plan.placements):  # no two buffers live at one step share a byte
+            for q in plan.placements[i + 1 :]:
+                if p.buffer.first <= q.buffer.last and q.buffer.first <= p.buffer.last:
+                    assert p.end <= q.offset or q.end <= p.offset or not p.buffer.nbytes or not q.buffer.nbytes
+    coded = live_bytes(report.arena("stored").buffers)
+    assert coded < live_bytes(report.arena("fp32").buffers)
+    names = {b.name for b in report.arena("stored", apart=False).buffers} - {
+        b.name for b in report.arena("stored").buffers
+    }
+    assert names == report._inputs | report._outputs
+    assert report.input_bytes > 0 and report.output_bytes > 0
+
+
+def test_every_stored_value_of_a_residual_network_is_codes() -> None:
+    """ResNet-32 with coded shortcuts: between the input and the global average, nothing is stored in float32."""
+    model, x = calibrated("resnet32")
+    _, report = run_banded(model, x)
+    floats = {s.why for s in report.stored if s.fp32 is not None}
+    assert floats <= {
+        "model input",
+        "model output",
+        "global average (summed over bands)",
+        "written by a node run whole",
+    }
+    assert sum(s.fp32 is None for s in report.stored) == 15  # the stem and 14 blocks; the last feeds the average
+
+
+def test_shortcuts_left_in_float32_are_stored_whole_and_named() -> None:
+    """``shared_values="fp32"``: the shortcut is read in full precision, so it is stored whole in float32."""
+    model, x = calibrated("resnet32", shared_values="fp32", batch=2)
+    with torch.no_grad():
+        reference = model(x) + 0.0
+    out, report = run_banded(model, x, band_rows=2)
+    assert torch.equal(out + 0.0, reference)
+    shortcuts = [s for s in report.stored if s.fp32 is not None and s.why == "read by 2 nodes"]
+    assert len(shortcuts) == 15  # every block input: the stem and 14 blocks (the last block feeds the average)
+
+
+def test_an_operation_without_a_banded_rule_runs_whole_and_is_named() -> None:
+    """Bilinear upsampling has no rule: it runs whole on its stored input, and the report says so."""
+    g = torch.Generator().manual_seed(0)
+    model = dyadic(build_model("unet", base_width=4, depth=2, up_mode="bilinear"), g).eval()
+    config = DQAConfig(bits=3, ranking="energy", shared_values="codes", layer_types=LAYERS)
+    prepare(model, config)
+    x = torch.randint(-8, 9, (1, 3, 20, 24), generator=g) / 8
+    calibrate(model, config, [x], forward_fn=lambda m, b: m(b))
+    with torch.no_grad():
+        for q in quantizers_of(model).values():
+            q.set_static_scale(torch.full_like(q.scale, 2.0 ** torch.round(torch.log2(q.scale.max())).item()))
+    out, report = run_banded(model, x)
+    with torch.no_grad():
+        assert torch.equal(out + 0.0, model(x) + 0.0)
+    assert [(w.op, w.why) for w in report.whole] == [("interpolate", "interpolate has no banded rule")] * 2
+    assert "whole: " in report.table() and "interpolate has no banded rule" in report.table()
+    assert any(s.why == "written by a node run whole" for s in report.stored)
+
+
+def quantizer(channels: int = 6) -> ActivationQuantizer:
+    q = ActivationQuantizer(channels, bits=3, extra_bits=2, scale_mode="static", signed=False, name="conv")
+    q.set_static_scale(torch.linspace(0.2, 1.0, channels))
+    q.important[::2] = True
+    q.error_counts.copy_(torch.tensor([5, 3, 2, 1]))
+    q.calibrated.fill_(True)
+    return q
+
+
+def test_banded_blob_is_written_and_read_band_by_band() -> None:
+    q = quantizer()
+    x = torch.rand(2, 6, 7, 5, generator=torch.Generator().manual_seed(0)) * 3
+    blob = BandedBlob(q, tuple(x.shape))
+    for lo in range(0, 7, 3):
+        blob.write(lo, x[:, :, lo : lo + 3])
+    assert blob.starts == [0, 3, 6] and blob.nbytes == sum(len(b) for b in blob.blobs) and blob.numel == x.numel()
+    want = q(x)
+    for lo, hi in ((0, 7), (2, 4), (3, 6), (6, 7)):
+        values, start = blob.read(lo, hi)
+        assert start <= lo and start + values.shape[2] >= hi
+        assert torch.equal(values, want[:, :, start : start + values.shape[2]])
+    with pytest.raises(ValueError, match="rows 5 to 8 are not stored"):
+        blob.read(5, 8)
+    other = BandedBlob(q, tuple(x.shape))
+    with pytest.raises(ValueError, match="must start at row 0, got rows 3 to 5"):
+        other.write(3, x[:, :, 3:5])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"band_rows": 0}, "band_rows to be an int >= 1, got 0"),
+        ({"band_rows": True}, "band_rows to be an int >= 1, got True"),
+        ({"inputs": torch.zeros(3, 32, 32)}, r"images \(N, C, H, W\), got a tensor of shape \(3, 32, 32\)"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
+    model, x = calibrated("resnet32")
+    with pytest.raises(ValueError, match=match):
+        run_banded(model, **{"inputs": x, **kwargs})
+
+
+def test_training_mode_is_refused() -> None:
+    model, x = calibrated("resnet32")
+    with pytest.raises(ValueError, match="eval mode"):
+        run_banded(model.train(), x)
