@@ -372,7 +372,7 @@ class _HeldCodes:
 
 @torch.no_grad()
 def run_banded(
-    model: nn.Module, inputs: Tensor, band_rows: int = 1, coder: str = DEFAULT_CODER
+    model: nn.Module, inputs: Tensor, band_rows: int = 1, coder: str = DEFAULT_CODER, strict: bool = False
 ) -> tuple[Any, BandedReport]:
     """Run a calibrated model in row bands with its stored activations as banded blobs; see the module docstring.
 
@@ -383,13 +383,16 @@ def run_banded(
         band_rows: output rows each region computes at a time (``>= 1``): fewer rows, less scratch, more rows
             computed again and more blob headers.
         coder: entropy coder of the shifting errors (:func:`~.layer_bytes.quantizer_to_bytes`).
+        strict: refuse a model with a node that cannot run in bands (a ``ValueError`` naming each) instead of
+            running it whole and listing it in :attr:`BandedReport.whole`.
 
     Returns:
         ``(output, report)``.
 
     Raises:
         ValueError: for a ``band_rows`` below 1, an input that is not ``(N, C, H, W)``, a model in training mode,
-            or what :func:`~.compressed.run_compressed` refuses (no quantizer, an uncalibrated one, no trace).
+            a node that cannot run in bands with ``strict=True``, or what :func:`~.compressed.run_compressed`
+            refuses (no quantizer, an uncalibrated one, no trace).
 
     """
     if isinstance(band_rows, bool) or not isinstance(band_rows, int) or band_rows < 1:
@@ -414,7 +417,7 @@ def run_banded(
             f"{type(err).__name__}: {err}"
         ) from err
     coded, _ = _shared_plan(model, shared, quantizers, gm)
-    return _Banded(model, gm, readers, quantizers, coded, band_rows, coder).run(inputs)
+    return _Banded(model, gm, readers, quantizers, coded, band_rows, coder, strict).run(inputs)
 
 
 def _describe(x: Any) -> str:
@@ -530,10 +533,10 @@ class _Banded:
     def __init__(
         self, model: nn.Module, gm: fx.GraphModule, readers: Mapping[fx.Node, str],
         quantizers: dict[str, ActivationQuantizer], coded: Mapping[fx.Node, tuple[str, str, bool]], band_rows: int,
-        coder: str,
+        coder: str, strict: bool = False,
     ) -> None:  # fmt: skip
         self.model, self.gm, self.readers, self.quantizers = model, gm, readers, quantizers
-        self.coded, self.band_rows, self.coder = coded, band_rows, coder
+        self.coded, self.band_rows, self.coder, self.strict = coded, band_rows, coder, strict
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.whole: list[WholeNode] = []
@@ -562,6 +565,11 @@ class _Banded:
                     self.reductions[node] = src
                 elif len(self.meta[node]) == 4 and self.meta[node][2] > 1:
                     self.whole.append(WholeNode(node.name, _op_name(self.gm, node), why))
+        if self.strict and self.whole:
+            raise ValueError(
+                "run_banded(strict=True): these nodes cannot run in bands: "
+                + "; ".join(f"{w.name} ({w.op}): {w.why}" for w in self.whole)
+            )
         stored = self._stored_set()
         return self._execute(x, stored)
 

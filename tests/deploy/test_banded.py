@@ -154,6 +154,8 @@ def test_an_operation_without_a_banded_rule_runs_whole_and_is_named() -> None:
     assert [(w.op, w.why) for w in report.whole] == [("interpolate", "interpolate has no banded rule")] * 2
     assert "whole: " in report.table() and "interpolate has no banded rule" in report.table()
     assert any(s.why == "written by a node run whole" for s in report.stored)
+    with pytest.raises(ValueError, match=r"strict=True.*interpolate \(interpolate\): interpolate has no banded rule"):
+        run_banded(model, x, strict=True)
 
 
 def quantizer(channels: int = 6) -> ActivationQuantizer:
