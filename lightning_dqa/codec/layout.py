@@ -29,8 +29,10 @@ __all__ = [
     "BlobParts",
     "check_coder",
     "error_coder",
+    "join_band",
     "model_crc",
     "read_parts",
+    "split_band",
     "write_parts",
 ]
 
@@ -339,3 +341,57 @@ def _check_contents(
     if want_crc != crc:
         what = "error histogram" if header.coder == "ans" else "code book"
         raise ValueError(f"The blob was encoded with another {what} (its CRC-32 differs from this one's)")
+
+
+_BAND = struct.Struct("<IQI")  # rows along the band axis, error payload bits, error section bytes
+_SHARED_FIELDS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12)  # fixed fields equal in every band of a tensor
+
+
+def split_band(blob: bytes, axis: int, head: bytes | None = None) -> tuple[bytes, bytes]:
+    """A blob of one band of a tensor as the head every band shares and the band's own record.
+
+    A tensor stored band by band (:class:`lightning_dqa.deploy.banded.BandedBlob`) keeps one head (the fixed header,
+    the shape, the important channels and any scales: about 90 bytes) and, per band, a record: the band's rows on
+    ``axis``, its error payload bits and error section bytes (16 bytes), then the blob's chunk offsets, payloads and
+    checksum as they are. :func:`join_band` gives back the blob byte for byte, so its checksum still holds.
+
+    Args:
+        blob: a blob of :func:`write_parts`.
+        axis: the band axis (rows: 2 of ``(N, C, H, W)``).
+        head: the head of the tensor's first band, to check that this band shares it; ``None`` for the first.
+
+    Returns:
+        ``(head, record)``.
+
+    Raises:
+        ValueError: for a blob that is not one (:func:`read_parts`'s header checks) or whose head differs from
+            ``head`` in more than its rows and payload sizes (e.g. scales stored per band).
+
+    """
+    fields, shape = _read_fixed(blob)
+    flags, ndim, cd, k = fields[2], fields[5], fields[6], fields[7]
+    size = _FIXED.size + 8 * ndim + 4 * k + (4 * shape[cd] if flags & _HAS_SCALE else 0)
+    own = blob[:size]
+    if head is not None:
+        first, first_shape = _read_fixed(head + bytes(_CRC.size))
+        same = [fields[i] == first[i] for i in _SHARED_FIELDS]
+        same += [len(head) == size, own[_FIXED.size + 8 * ndim :] == head[_FIXED.size + 8 * ndim :]]
+        same.append(shape[:axis] + shape[axis + 1 :] == first_shape[:axis] + first_shape[axis + 1 :])
+        if not all(same):
+            raise ValueError("A band's blob differs from the tensor's first band in more than its rows and payloads")
+    return own if head is None else head, _BAND.pack(shape[axis], fields[10], fields[13]) + blob[size:]
+
+
+def join_band(head: bytes, record: bytes, axis: int) -> bytes:
+    """The blob of one band from the tensor's head and the band's record (:func:`split_band`), byte for byte."""
+    fields, shape = _read_fixed(head + bytes(_CRC.size))
+    rows, error_bits, error_bytes = _BAND.unpack_from(record)
+    band = list(shape)
+    band[axis] = rows
+    fixed = list(fields)
+    fixed[9], fixed[10], fixed[13] = packed_size(math.prod(band), fields[3]), error_bits, error_bytes
+    ndim = fields[5]
+    return b"".join(
+        [_FIXED.pack(*fixed), np.asarray(band, dtype="<u8").tobytes(), head[_FIXED.size + 8 * ndim :],
+         record[_BAND.size :]]
+    )  # fmt: skip

@@ -119,10 +119,11 @@ def plan_arena(buffers: Sequence[Buffer], order: str = "size") -> Arena:
     Args:
         buffers: the buffers, each with its size and inclusive live range of steps.
         order: the order buffers are placed in, each at the lowest offset that fits: ``size`` (largest first,
-            TFLite Micro's), ``first`` (by the step they become live, then largest first) or ``best`` (both
-            plans, the smaller kept; on chains of near-equal buffers beside one-step scratch buffers, as the
-            banded runtime makes, size order can leave a quarter more than the live bytes where first-step
-            order leaves none).
+            TFLite Micro's), ``first`` (by the step they become live, then largest first) or ``best``: both
+            orders, each also with sizes rounded up to 256 and to 1,024 bytes while placing (so near-equal
+            buffers fit each other's slots; the arena still counts their true sizes), the smallest of the six
+            plans kept. On the banded runtime's chains of near-equal blobs beside one-step scratch buffers,
+            exact sizes left a third more than the live bytes; rounded ones reach them.
 
     Returns:
         The :class:`Arena`: an offset per buffer (placements in the order given) and the arena's size. No two
@@ -141,11 +142,18 @@ def plan_arena(buffers: Sequence[Buffer], order: str = "size") -> Arena:
     if order not in ("size", "first", "best"):
         raise ValueError(f"Expected order to be one of ['size', 'first', 'best'], got {order!r}")
     if order == "best":
-        return min((plan_arena(buffers, o) for o in ("size", "first")), key=lambda a: a.nbytes)
+        plans = (_plan(buffers, o, q) for o in ("size", "first") for q in (1, 256, 1024))
+        return min(plans, key=lambda a: a.nbytes)
+    return _plan(buffers, order, 1)
+
+
+def _plan(buffers: Sequence[Buffer], order: str, quantum: int) -> Arena:
+    """Greedy placement in ``order``, each buffer taking its size rounded up to ``quantum`` bytes while placed."""
+    sizes = [-(-b.nbytes // quantum) * quantum for b in buffers]
     if order == "size":
-        ranks = sorted(range(len(buffers)), key=lambda i: (-buffers[i].nbytes, buffers[i].first, i))
+        ranks = sorted(range(len(buffers)), key=lambda i: (-sizes[i], buffers[i].first, i))
     else:
-        ranks = sorted(range(len(buffers)), key=lambda i: (buffers[i].first, -buffers[i].nbytes, i))
+        ranks = sorted(range(len(buffers)), key=lambda i: (buffers[i].first, -sizes[i], i))
     offsets: dict[int, int] = {}
     by_offset: list[tuple[int, int, int]] = []  # (offset, end, index) of the placed buffers, sorted by offset
     for i in ranks:
@@ -154,11 +162,11 @@ def plan_arena(buffers: Sequence[Buffer], order: str = "size") -> Arena:
         for offset, end, j in by_offset:  # the first gap, in offset order, among buffers live with b
             if not overlaps_in_time(b, buffers[j]):
                 continue
-            if offset - candidate >= b.nbytes:
+            if offset - candidate >= sizes[i]:
                 break
             candidate = max(candidate, end)
         offsets[i] = candidate
-        _insert_sorted(by_offset, (candidate, candidate + b.nbytes, i))
+        _insert_sorted(by_offset, (candidate, candidate + sizes[i], i))
     placements = [Placement(b, offsets[i]) for i, b in enumerate(buffers)]
     return Arena(max((p.end for p in placements), default=0), placements)
 

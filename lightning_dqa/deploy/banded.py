@@ -80,7 +80,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
 from lightning_dqa.codec.entropy import DEFAULT_CODER
-from lightning_dqa.codec.layout import check_coder
+from lightning_dqa.codec.layout import check_coder, join_band, split_band
 from lightning_dqa.core.attach import _input_hook, output_hook
 from lightning_dqa.core.quantizers import ActivationQuantizer
 from lightning_dqa.core.shared import find_shared, leading_quantizer, wide_quantizer
@@ -105,13 +105,19 @@ _INPLACE = frozenset({operator.iadd, operator.imul, "add_", "mul_", "relu_"})
 
 @dataclass
 class BandedBlob:
-    """A stored activation as codes, one blob per band of rows (dim 2), written and read band by band.
+    """A stored activation as codes, written and read band by band of rows (dim 2).
+
+    Each band is coded as a blob of its own (:func:`~.layer_bytes.quantizer_to_bytes`), kept as one head shared
+    by all bands (header, shape, important channels: written once) and a record per band (its rows, payload sizes,
+    payloads and checksum; :func:`lightning_dqa.codec.layout.split_band`). Reading a band rebuilds its blob byte
+    for byte and decodes it, checksum checked.
 
     Attributes:
         q: the quantizer whose codes the blobs hold.
         shape: the whole tensor's shape ``(N, C, H, W)``.
         starts: first row of each band, ascending; band ``i`` covers ``starts[i]`` to ``starts[i + 1]``.
-        blobs: the band's blob, in row order.
+        head: the bands' shared head (empty before the first band).
+        records: each band's record, in row order.
         coder: entropy coder of the shifting errors.
 
     """
@@ -120,7 +126,8 @@ class BandedBlob:
     shape: tuple[int, ...]
     coder: str = DEFAULT_CODER
     starts: list[int] = field(default_factory=list)
-    blobs: list[bytes] = field(default_factory=list)
+    head: bytes = b""
+    records: list[bytes] = field(default_factory=list)
 
     def write(self, start: int, rows: Tensor) -> None:
         """Append the codes of ``rows`` (``(N, C, h, W)``, the tensor's rows from ``start``); bands come in order."""
@@ -128,9 +135,15 @@ class BandedBlob:
         if start != end or start + rows.shape[2] > self.shape[2]:
             raise ValueError(f"Layer {self.q.name!r}: a band must start at row {end}, got rows {start} to "
                              f"{start + rows.shape[2]} of {self.shape[2]}")  # fmt: skip
+        head, record = split_band(quantizer_to_bytes(self.q, rows, coder=self.coder), 2, self.head or None)
+        self.head = head
         self.starts.append(start)
-        self.blobs.append(quantizer_to_bytes(self.q, rows, coder=self.coder))
+        self.records.append(record)
         self._heights.append(int(rows.shape[2]))
+
+    def blob(self, i: int) -> bytes:
+        """Band ``i``'s blob, as :func:`~.layer_bytes.quantizer_to_bytes` wrote it."""
+        return join_band(self.head, self.records[i], 2)
 
     def read(self, lo: int, hi: int) -> tuple[Tensor, int]:
         """The decoded values of the bands that hold rows ``lo`` to ``hi`` (``hi`` exclusive).
@@ -143,13 +156,13 @@ class BandedBlob:
             raise ValueError(f"Layer {self.q.name!r}: rows {lo} to {hi} are not stored")
         first = max(i for i, s in enumerate(self.starts) if s <= lo)
         last = max(i for i, s in enumerate(self.starts) if s < hi)
-        parts = [decode(self.q, self.blobs[i]) for i in range(first, last + 1)]
+        parts = [decode(self.q, self.blob(i)) for i in range(first, last + 1)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)), self.starts[first]
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all band blobs (headers included)."""
-        return sum(len(b) for b in self.blobs)
+        """Bytes held: the shared head and every band's record."""
+        return len(self.head) + sum(len(r) for r in self.records)
 
     @property
     def numel(self) -> int:
@@ -391,8 +404,8 @@ def run_banded(
 
     Raises:
         ValueError: for a ``band_rows`` below 1, an input that is not ``(N, C, H, W)``, a model in training mode,
-            a node that cannot run in bands with ``strict=True``, or what :func:`~.compressed.run_compressed`
-            refuses (no quantizer, an uncalibrated one, no trace).
+            a layer with dynamic scales, a node that cannot run in bands with ``strict=True``, or what
+            :func:`~.compressed.run_compressed` refuses (no quantizer, an uncalibrated one, no trace).
 
     """
     if isinstance(band_rows, bool) or not isinstance(band_rows, int) or band_rows < 1:
@@ -402,6 +415,12 @@ def run_banded(
     if model.training:
         raise ValueError("run_banded needs the model in eval mode (BatchNorm must use its running statistics)")
     quantizers = _active_quantizers(model)
+    dynamic = [name for name, q in quantizers.items() if q.scale_mode == "dynamic"]
+    if dynamic:
+        raise ValueError(
+            f"run_banded needs frozen scales (a band's maximum is not the tensor's), and these layers have dynamic "
+            f"ones: {dynamic}; calibrate with scale_mode='static' or use run_compressed"
+        )
     check_coder(coder, torch.ones(1))
     layers = {id(q): model.get_submodule(name) for name, q in quantizers.items()}
     inputs_read = {
@@ -1123,7 +1142,7 @@ class _Banded:
         if s.fp32 is not None:
             return s.fp32
         blob = next(iter(s.blobs.values()))
-        return blob.read(0, s.shape[2])[0] if len(s.shape) == 4 else decode(blob.q, blob.blobs[0])
+        return blob.read(0, s.shape[2])[0] if len(s.shape) == 4 else decode(blob.q, blob.blob(0))
 
 
 def _hooked(m: nn.Module, rows: Tensor, coded: bool, call: Callable[[Tensor], Tensor]) -> Tensor:

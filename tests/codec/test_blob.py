@@ -17,6 +17,7 @@ from tiny import TinyNet, make_data
 from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.codec import HuffmanCodebook, decode_activation, encode_activation
 from lightning_dqa.codec.blob import MAGIC, VERSION
+from lightning_dqa.codec.layout import join_band, split_band
 from lightning_dqa.core import functional as F
 from lightning_dqa.core.quantizers import ActivationQuantizer
 from lightning_dqa.deploy.layer_bytes import bytes_to_values, quantizer_to_bytes
@@ -73,6 +74,31 @@ def test_blob_round_trip(case: dict) -> None:
     else:
         assert torch.equal(header.scale, case["scale"])
     assert encode_activation(**case) == blob  # deterministic
+
+
+@settings(max_examples=150, deadline=None)
+@given(activations(), st.data())
+def test_a_blob_splits_into_a_shared_head_and_a_band_record_and_joins_back(case: dict, data: st.DataObject) -> None:
+    """``join_band(*split_band(blob))`` is the blob byte for byte, along any axis, and a second band of the same
+    tensor (same layout, other codes along the axis) shares the first one's head."""
+    blob = encode_activation(**case)
+    axis = data.draw(st.integers(0, case["main"].ndim - 1))
+    head, record = split_band(blob, axis)
+    assert join_band(head, record, axis) == blob
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    other = dict(case, main=case["main"][torch.randperm(case["main"].shape[axis], generator=gen)] if axis == 0 else
+                 case["main"].flip(axis))  # fmt: skip
+    second = encode_activation(**other)
+    shared, rec = split_band(second, axis, head)
+    assert shared == head and join_band(head, rec, axis) == second
+
+
+def test_a_band_of_another_layout_does_not_share_the_head(small: dict) -> None:
+    blob = encode_activation(**small)
+    head, _ = split_band(blob, 0)
+    flipped = dict(small, signed=not small["signed"], main=small["main"].clamp(min=0))
+    with pytest.raises(ValueError, match="differs from the tensor's first band"):
+        split_band(encode_activation(**flipped), 0, head)
 
 
 @settings(max_examples=60, deadline=None)

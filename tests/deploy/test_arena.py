@@ -61,7 +61,7 @@ def test_random_interval_sets_are_placed_without_overlap_and_above_the_live_boun
     for other in (first, best):
         check_disjoint(other)
         assert other.buffers == buffers and other.nbytes >= live_bytes(buffers)
-    assert best.nbytes == min(plan.nbytes, first.nbytes)
+    assert best.nbytes <= min(plan.nbytes, first.nbytes)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -23,6 +23,7 @@ from lightning_dqa.core.quantizers import ActivationQuantizer
 from lightning_dqa.demos.models import build_model
 from lightning_dqa.deploy.arena import live_bytes
 from lightning_dqa.deploy.banded import BandedBlob, BandedReport
+from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -173,7 +174,10 @@ def test_banded_blob_is_written_and_read_band_by_band() -> None:
     blob = BandedBlob(q, tuple(x.shape))
     for lo in range(0, 7, 3):
         blob.write(lo, x[:, :, lo : lo + 3])
-    assert blob.starts == [0, 3, 6] and blob.nbytes == sum(len(b) for b in blob.blobs) and blob.numel == x.numel()
+    assert blob.starts == [0, 3, 6] and blob.numel == x.numel()
+    whole = [quantizer_to_bytes(q, x[:, :, lo : lo + 3]) for lo in (0, 3, 6)]
+    assert [blob.blob(i) for i in range(3)] == whole  # each band's blob, byte for byte
+    assert blob.nbytes == len(blob.head) + sum(map(len, blob.records)) < sum(map(len, whole))  # one head only
     want = q(x)
     for lo, hi in ((0, 7), (2, 4), (3, 6), (6, 7)):
         values, start = blob.read(lo, hi)
@@ -198,6 +202,28 @@ def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
     model, x = calibrated("resnet32")
     with pytest.raises(ValueError, match=match):
         run_banded(model, **{"inputs": x, **kwargs})
+
+
+def test_a_band_with_another_head_is_refused() -> None:
+    """Bands of one tensor share their head; a blob of another layer configuration does not fit."""
+    q, other = quantizer(), quantizer()
+    other.important[:] = False
+    x = torch.rand(1, 6, 4, 5)
+    blob = BandedBlob(q, tuple(x.shape))
+    blob.write(0, x[:, :, :2])
+    blob.q = other
+    with pytest.raises(ValueError, match="differs from the tensor's first band"):
+        blob.write(2, x[:, :, 2:])
+
+
+def test_dynamic_scales_are_refused() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    config = DQAConfig(bits=3, ranking="energy", scale_mode="dynamic", clipping="none", first_layer_bits=None)
+    prepare(net, config)
+    x = torch.rand(1, 3, 8, 8)
+    calibrate(net, config, [x], forward_fn=lambda m, b: m(b))
+    with pytest.raises(ValueError, match=r"frozen scales.*dynamic ones: \['0', '2'\]"):
+        run_banded(net, x)
 
 
 def test_training_mode_is_refused() -> None:
