@@ -89,6 +89,8 @@ def check_lifecycle_args(args: Mapping[str, Any]) -> None:
         )
     if not is_int(ignore_index):
         raise ValueError(f"Expected ignore_index to be an int (a target value to ignore), got {ignore_index!r}")
+    if args["peak_runtime"] not in ("layer", "banded"):
+        raise ValueError(f"Expected peak_runtime to be 'layer' or 'banded', got {args['peak_runtime']!r}")
     for name in LIFECYCLE_FLAGS:
         if not isinstance(args[name], bool):
             raise ValueError(f"Expected {name} to be a bool, got {args[name]!r}")
@@ -294,7 +296,7 @@ def fp32_accuracy(
 
 
 @torch.no_grad()
-def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any) -> dict[str, float]:
+def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any, banded: bool = False) -> dict[str, float]:
     """Measured figures of one image run compressed, by metric name under ``dqa/``; ``{}`` when it cannot run.
 
     Runs the first sample of ``inputs`` (e.g. ``(N, C, H, W)`` images; only ``inputs[:1]`` is read) through
@@ -307,7 +309,10 @@ def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any) -> dict[str, fl
     * ``memory_saving``: ``1 - peak_stored / peak_fp32``, what storing the codes saves of the memory a device
       must hold (negative when the stored pass needs more);
     * ``stored_bits_per_value``: ``8 * sum(blob bytes) / values`` of the blobs that run really wrote
-      (:attr:`~lightning_dqa.deploy.compressed.CompressedReport.bits_per_value`).
+      (:attr:`~lightning_dqa.deploy.compressed.CompressedReport.bits_per_value`);
+    * with ``banded``, ``banded_{stored,int8,fp32}_kib_per_image`` of :func:`lightning_dqa.run_banded` (one row per
+      band, the model input and output listed apart), and ``memory_saving`` is ``1 - banded_stored /
+      peak_fp32``; a model that cannot run banded is warned about and keeps the layer-by-layer figures.
 
     A model it cannot run (one :mod:`torch.fx` cannot trace, a non-tensor input, or any other failure of the
     compressed pass) gets a warning naming the error and no figures: a figure is never estimated instead.
@@ -335,6 +340,31 @@ def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any) -> dict[str, fl
     out.update({f"live_{key}_kib_per_image": nbytes / 1024 for key, nbytes in live.items()})
     out["memory_saving"] = 1.0 - peak["stored"] / peak["fp32"] if peak["fp32"] else 0.0
     out["stored_bits_per_value"] = report.bits_per_value
+    if banded:
+        out.update(_banded_kib(pl_module, inputs[:1], peak["fp32"] / 1024))
+    return out
+
+
+def _banded_kib(pl_module: pl.LightningModule, image: Tensor, fp32_kib: float) -> dict[str, float]:
+    """``banded_*_kib_per_image`` and the banded ``memory_saving`` of one image, or ``{}`` (warned) on failure."""
+    from lightning_dqa.deploy.banded import run_banded
+
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        _, report = run_banded(pl_module, image)
+    except Exception as err:  # a side measurement, as above
+        rank_zero_warn(
+            f"DQACallback: peak_runtime='banded' could not run the model in bands, so the layer-by-layer peak is "
+            f"logged: {type(err).__name__}: {err}"
+        )
+        return {}
+    finally:
+        pl_module.train(was_training)
+    kib = report.per_image()
+    out = {f"banded_{key}_kib_per_image": kib[k] for key, k in (("stored", "stored"), ("int8", "int8_banded"),
+                                                                 ("fp32", "fp32_banded"))}  # fmt: skip
+    out["memory_saving"] = 1.0 - kib["stored"] / fp32_kib if fp32_kib else 0.0
     return out
 
 

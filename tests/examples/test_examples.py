@@ -67,6 +67,7 @@ def test_results_page_is_what_the_committed_json_renders(tmp_path: Path) -> None
     results["peak_table"] = json.loads((results_dir / "peak_table.json").read_text())
     results["objective_fronts"] = json.loads((results_dir / "objective_fronts.json").read_text())
     results["shared_values"] = json.loads((results_dir / "shared_values.json").read_text())
+    results["peak_banded"] = json.loads((results_dir / "peak_banded.json").read_text())
     png = tmp_path / "results" / "plot.png"
     png.parent.mkdir()
     text = render(results, png)

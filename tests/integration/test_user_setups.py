@@ -169,9 +169,7 @@ class RecordingProgress(CalibrationProgress):
         super().close()
 
 
-@pytest.mark.parametrize(
-    ("bar", "kind"), [(TQDMProgressBar, "tqdm"), (RichProgressBar, "rich"), (None, "none")]
-)
+@pytest.mark.parametrize(("bar", "kind"), [(TQDMProgressBar, "tqdm"), (RichProgressBar, "rich"), (None, "none")])
 def test_calibration_shows_in_whichever_progress_bar_the_trainer_has(monkeypatch, bar, kind):
     pytest.importorskip("rich")
     monkeypatch.setattr("lightning_dqa.integration.callback.CalibrationProgress", RecordingProgress)
@@ -268,6 +266,28 @@ class Untraceable(BareNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) if x.sum() > 0 else -self.net(x)
+
+
+def test_banded_peak_is_logged_with_peak_runtime_banded():
+    """``peak_runtime="banded"``: the banded runtime's arenas are logged, and the headline is their saving."""
+    from lightning_dqa import run_banded
+
+    model = BareNet()
+    cb = DQACallback(bits=3, calibration_samples=64, calibration_source="val", shared_values="codes",
+                     peak_runtime="banded")  # fmt: skip
+    t = trainer(callbacks=[cb])
+    t.validate(model, dataloaders=loader())
+    banded = {k: float(t.callback_metrics[f"dqa/banded_{k}_kib_per_image"]) for k in ("stored", "int8", "fp32")}
+    fp32 = float(t.callback_metrics["dqa/peak_fp32_kib_per_image"])
+    _, report = run_banded(model.eval(), next(iter(loader()))[0][:1])
+    kib = report.per_image()
+    assert banded == pytest.approx({"stored": kib["stored"], "int8": kib["int8_banded"], "fp32": kib["fp32_banded"]})
+    assert float(t.callback_metrics["dqa/memory_saving"]) == pytest.approx(1 - banded["stored"] / fp32, rel=1e-6)
+
+
+def test_peak_runtime_is_checked():
+    with pytest.raises(ValueError, match="peak_runtime to be 'layer' or 'banded', got 'bands'"):
+        DQACallback(bits=3, peak_runtime="bands")  # type: ignore[arg-type]
 
 
 def test_a_model_that_cannot_run_compressed_warns_once_and_logs_no_peak():
