@@ -120,15 +120,20 @@ def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
     return out
 
 
-def network_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Every figure of one network."""
-    title, build, dataset, side, ignore = NETWORKS[name]
+def network_setup(name: str, calib: int) -> tuple[nn.Module, list[Any], torch.Tensor, dict[str, Any]]:
+    """A network, its calibration batches (``calib`` images, CamVid a tenth), one test image and its row's head."""
+    title, build, dataset, side, _ = NETWORKS[name]
     base = build().eval()
-    calib = args.calib // 10 if dataset == "camvid" else args.calib
-    loader, test = data(dataset, calib, 1)
+    loader, test = data(dataset, calib // 10 if dataset == "camvid" else calib, 1)
     batches = resized(loader, side)
     x = test[0] if side is None else TF.interpolate(test[0], size=(side, side), mode="bilinear", align_corners=False)
-    row: dict[str, Any] = {"network": title, "key": name, "calib": sum(len(b[0]) for b in batches)}
+    return base, batches, x, {"network": title, "key": name, "calib": sum(len(b[0]) for b in batches)}
+
+
+def network_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every figure of one network."""
+    base, batches, x, row = network_setup(name, args.calib)
+    title, ignore = row["network"], NETWORKS[name][4]
     models = {}
     for method in ("direct", "dqa"):
         model = calibrated(base, DQAConfig(bits=3, method=method), batches, ignore)
@@ -199,24 +204,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", default=None, help="write the figures as JSON (docs/results/peak_table.json)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    command = "OMP_NUM_THREADS=1 python examples/peak_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return run_all("peak_table.py", args, argv, lambda name: network_row(name, args), format_tables,
+                   {"calib": args.calib, "repeats": args.repeats})  # fmt: skip
+
+
+def run_all(
+    script: str, args: argparse.Namespace, argv: list[str] | None, row: Callable[[str], dict[str, Any]],
+    tables: Callable[[list[dict[str, Any]]], str], meta: dict[str, Any],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """``row(name)`` for every network of ``args.nets``; prints the tables and writes the JSON to ``args.out``."""
+    command = f"OMP_NUM_THREADS=1 python examples/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     print("$ " + command.strip(), flush=True)
     rows = []
     for name in args.nets:
-        rows.append(network_row(name, args))
-        print(f"done: {rows[-1]['network']}", flush=True)
-    text = format_tables(rows)
+        start = time.perf_counter()
+        rows.append(row(name))
+        print(f"done: {rows[-1]['network']} ({time.perf_counter() - start:.0f} s)", flush=True)
+    text = tables(rows)
     print(text)
     if args.out:
-        meta = {
-            "command": command.strip(),
-            "calib": args.calib,
-            "repeats": args.repeats,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        }
+        machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        meta = {"command": command.strip(), **meta, "machine": machine}
         Path(args.out).write_text(json.dumps({**meta, "networks": rows, "text": text}, indent=1) + "\n")
     return rows
-
 
 if __name__ == "__main__":
     main()

@@ -81,11 +81,11 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_dqa.codec.entropy import DEFAULT_CODER
 from lightning_dqa.codec.layout import check_coder, join_band, split_band
-from lightning_dqa.core.attach import _input_hook, output_hook
+from lightning_dqa.core.attach import _input_hook
 from lightning_dqa.core.quantizers import ActivationQuantizer
-from lightning_dqa.core.shared import find_shared, leading_quantizer, wide_quantizer
+from lightning_dqa.core.shared import leading_quantizer, wide_quantizer
 from lightning_dqa.deploy.arena import Arena, Buffer, plan_arena
-from lightning_dqa.deploy.compressed import _active_quantizers, _shared_plan, decode
+from lightning_dqa.deploy.compressed import _active_quantizers, _trace, decode
 from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
 
 __all__ = ["BandedBlob", "BandedReport", "Stored", "WholeNode", "run_banded"]
@@ -422,20 +422,7 @@ def run_banded(
             f"ones: {dynamic}; calibrate with scale_mode='static' or use run_compressed"
         )
     check_coder(coder, torch.ones(1))
-    layers = {id(q): model.get_submodule(name) for name, q in quantizers.items()}
-    inputs_read = {
-        name: layers[id(q)]
-        for name, q in quantizers.items()
-        if output_hook not in layers[id(q)]._forward_hooks.values()
-    }
-    try:
-        gm, shared, readers = find_shared(model, inputs_read, layers.values())
-    except Exception as err:
-        raise ValueError(
-            f"run_banded needs a model that torch.fx can trace, and {type(model).__name__} fails: "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    coded, _ = _shared_plan(model, shared, quantizers, gm)
+    gm, readers, coded, _ = _trace(model, quantizers, "run_banded")
     return _Banded(model, gm, readers, quantizers, coded, band_rows, coder, strict).run(inputs)
 
 

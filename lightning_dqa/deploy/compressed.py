@@ -262,21 +262,7 @@ def run_compressed(
     """
     quantizers = _active_quantizers(model)
     check_coder(coder, torch.ones(1))
-    layers = {id(q): model.get_submodule(name) for name, q in quantizers.items()}
-    inputs_read = {  # the layers whose quantizer reads their input
-        name: layers[id(q)]
-        for name, q in quantizers.items()
-        if output_hook not in layers[id(q)]._forward_hooks.values()
-    }
-    try:
-        gm, shared, readers = find_shared(model, inputs_read, layers.values())
-    except Exception as err:
-        raise ValueError(
-            f"run_compressed needs a model that torch.fx can trace, and {type(model).__name__} fails: "
-            f"{type(err).__name__}: {err}. Hint: make the data-dependent control flow a leaf module or a "
-            "torch.fx.wrap'ed function"
-        ) from err
-    coded, kept = _shared_plan(model, shared, quantizers, gm)
+    gm, readers, coded, kept = _trace(model, quantizers, "run_compressed")
     args = tree_map(_own_storage, inputs if isinstance(inputs, tuple) else (inputs,))
     codec = _Codec(quantizers, coder)
     try:
@@ -296,6 +282,35 @@ def run_compressed(
         fp_shared=kept,
     )
     return output, report
+
+
+def _trace(
+    model: nn.Module, quantizers: dict[str, ActivationQuantizer], runner: str
+) -> tuple[fx.GraphModule, dict[fx.Node, str], dict[fx.Node, tuple[str, str, bool]], list[str]]:
+    """The model's :mod:`torch.fx` trace with its quantized layers kept whole, and its shared values' plan.
+
+    Returns:
+        ``(graph module, quantized reader node -> layer name, coded shared values, those kept in float32)``
+        (:func:`_shared_plan`).
+
+    Raises:
+        ValueError: when :mod:`torch.fx` cannot trace the model (``runner`` names the caller).
+    """
+    layers = {id(q): model.get_submodule(name) for name, q in quantizers.items()}
+    inputs_read = {  # the layers whose quantizer reads their input
+        name: layers[id(q)]
+        for name, q in quantizers.items()
+        if output_hook not in layers[id(q)]._forward_hooks.values()
+    }
+    try:
+        gm, shared, readers = find_shared(model, inputs_read, layers.values())
+    except Exception as err:
+        raise ValueError(
+            f"{runner} needs a model that torch.fx can trace, and {type(model).__name__} fails: "
+            f"{type(err).__name__}: {err}. Hint: make the data-dependent control flow a leaf module or a "
+            "torch.fx.wrap'ed function"
+        ) from err
+    return (gm, readers, *_shared_plan(model, shared, quantizers, gm))
 
 
 def _shared_plan(
