@@ -231,8 +231,6 @@ class BandedReport:
         steps: the steps, a region's or a whole node's name, in execution order.
         whole: the nodes run whole, with why.
         input_bytes / output_bytes: the model input and the final outputs (float32), listed apart.
-        layer_by_layer_fp32: the arena of the FP32 pass layer by layer (:func:`~.compressed.run_compressed`), input
-            and output listed apart, for comparison.
 
     """
 
@@ -244,7 +242,6 @@ class BandedReport:
     whole: list[WholeNode]
     input_bytes: int
     output_bytes: int
-    layer_by_layer_fp32: int = 0
     _inputs: set[str] = field(default_factory=set)
     _outputs: set[str] = field(default_factory=set)
 
@@ -273,11 +270,10 @@ class BandedReport:
     def per_image(self) -> dict[str, float]:
         """KiB per image of the arenas and of the input and output listed apart.
 
-        Keys: ``layer_by_layer_fp32`` (when set), ``fp32_banded``, ``int8_banded``, ``stored``, ``input``, ``output``.
+        Keys: ``fp32_banded``, ``int8_banded``, ``stored``, ``input``, ``output``.
         """
         n = max(self.batch, 1) * 1024
         return {
-            "layer_by_layer_fp32": self.layer_by_layer_fp32 / n,
             "fp32_banded": self.arena("fp32").nbytes / n,
             "int8_banded": self.arena("int8").nbytes / n,
             "stored": self.peak / n,
