@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dqa.calibration.objectives import DIVERGENCES
 from lightning_dqa.core._checks import is_int
+from lightning_dqa.deploy.banded import run_banded
 from lightning_dqa.deploy.compressed import run_compressed
 
 __all__ = [
@@ -347,8 +348,6 @@ def measure_peak_kib(pl_module: pl.LightningModule, inputs: Any, banded: bool = 
 
 def _banded_kib(pl_module: pl.LightningModule, image: Tensor, fp32_kib: float) -> dict[str, float]:
     """``banded_*_kib_per_image`` and the banded ``memory_saving`` of one image, or ``{}`` (warned) on failure."""
-    from lightning_dqa.deploy.banded import run_banded
-
     was_training = pl_module.training
     pl_module.eval()
     try:
