@@ -173,8 +173,13 @@ def write_report(results: dict[str, Any] | None = None) -> None:
     peak = OUT_DIR / "peak_table.json"  # written by peak_table.py --out
     if peak.exists():
         results["peak_table"] = json.loads(peak.read_text())
-    for key, name in (("objective_fronts", "objective_fronts.json"), ("shared_values", "shared_values.json")):
-        extra = OUT_DIR / name  # written by bench_objective.py / shared_values.py
+    extras = (
+        ("objective_fronts", "objective_fronts.json"),
+        ("shared_values", "shared_values.json"),
+        ("peak_banded", "peak_banded.json"),
+    )
+    for key, name in extras:
+        extra = OUT_DIR / name  # written by bench_objective.py / shared_values.py / peak_banded.py
         if extra.exists():
             results[key] = json.loads(extra.read_text())
     from report_render import render
