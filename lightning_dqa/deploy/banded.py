@@ -199,12 +199,15 @@ class Stored:
     why: str = ""
 
     def nbytes(self, scheme: str) -> int:
-        """Bytes held: ``stored`` (blob bytes, float32 as is), ``int8`` (one byte per coded value) or ``fp32``."""
+        """Bytes held: ``stored`` (blob bytes, float32 as is), ``int8`` (one byte per coded value) or ``fp32``.
+
+        A value two quantizers read is stored as two blobs, but as one int8 or one float32 tensor.
+        """
         numel = math.prod(self.shape)
         if self.fp32 is not None or scheme == "fp32":
-            return 4 * numel * (1 if self.fp32 is not None else len(self.blobs))
+            return 4 * numel
         if scheme == "int8":
-            return numel * len(self.blobs)
+            return numel
         return sum(b.nbytes for b in self.blobs.values())
 
 
