@@ -205,7 +205,7 @@ def banded_section(data: dict[str, Any] | None) -> list[str]:
         data["text"],
         "```",
         "",
-        f"Command: `{data['command']}`; {data['machine']}; the timings were taken while other jobs shared the cores.",
+        f"Command: `{data['command']}`; {data['machine']}; the timings are of that one run (2-core machine).",
         "`max diff`: the largest absolute difference between the banded and the fake-quantized outputs over the test",
         "images; `1-img diff`: on the one image of the peak table. Bands change no float sum, but a kernel may round",
         "a sum differently for another tensor shape; where a value sits on a quantization step that moves one code.",
