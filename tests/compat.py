@@ -71,3 +71,13 @@ def small_cnn(classes: int = 10, width: int = 8) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(2 * width, classes),
     )
+
+
+def quantized_and_full(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(x)`` in eval mode with its quantizers on, then off (left off)."""
+    model.eval()
+    with torch.no_grad():
+        quantized = model(x)
+        for q in quantizers_of(model).values():
+            q.enabled = False
+        return quantized, model(x)

@@ -85,22 +85,16 @@ from lightning_dqa.core.attach import _input_hook
 from lightning_dqa.core.quantizers import ActivationQuantizer
 from lightning_dqa.core.shared import leading_quantizer, wide_quantizer
 from lightning_dqa.deploy.arena import Arena, Buffer, plan_arena
-from lightning_dqa.deploy.compressed import _active_quantizers, _trace, decode
+from lightning_dqa.deploy.compressed import (
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_MODULES,
+    _active_quantizers,
+    _trace,
+    decode,
+)
 from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
 
 __all__ = ["BandedBlob", "BandedReport", "Stored", "WholeNode", "run_banded"]
-
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU,
-    nn.Sigmoid, nn.Tanh, nn.GELU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Mish, nn.ELU, nn.PReLU,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset(
-    {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, torch.add,
-     torch.mul, torch.sub, torch.relu, torch.sigmoid, torch.tanh, TF.relu, TF.relu6, TF.hardtanh, TF.silu,
-     TF.gelu, TF.hardswish, TF.hardsigmoid, TF.leaky_relu, TF.dropout, "add", "add_", "mul", "mul_", "sub",
-     "relu", "relu_", "sigmoid", "tanh", "clamp", "contiguous"}
-)  # fmt: skip
-_INPLACE = frozenset({operator.iadd, operator.imul, "add_", "mul_", "relu_"})
 
 
 @dataclass
@@ -498,7 +492,7 @@ class _Stream:
         if new is None:  # every row it must give is in its line buffer
             self.bands[n] = old
             return
-        local = {x: r._read(self.store[x], x, *rr, n) for x, rr in reads.items() if x not in self.inside}
+        local = {x: r._read(self.store[x], *rr, n) for x, rr in reads.items() if x not in self.inside}
         local_bytes = _Bytes.decoded(sum(v.nbytes for x, v in local.items() if self.store[x].fp32 is None))
         value = r.rules[n].run(*new, {**self.bands, **local})
         size = _nbytes(value)
@@ -667,7 +661,7 @@ class _Banded:
             return self._window_rule(node, m)
         if isinstance(m, nn.ConvTranspose2d):
             return self._transpose_rule(node, m)
-        if isinstance(m, _ELEMENTWISE_MODULES):
+        if isinstance(m, ELEMENTWISE_MODULES):
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
                 return None, "BatchNorm in training mode"
             return self._pointwise_rule(node, lambda args, kwargs: m(*args, **kwargs))
@@ -675,7 +669,7 @@ class _Banded:
 
     def _function_rule(self, node: fx.Node) -> tuple[_Rule | None, str]:
         target = node.target
-        if target in _ELEMENTWISE_FUNCTIONS:
+        if target in ELEMENTWISE_FUNCTIONS:
             return self._pointwise_rule(node, self._caller(node))
         if getattr(target, "__name__", "") == "stochastic_depth" and not _training_arg(node):
             return self._pointwise_rule(node, self._caller(node))  # the identity in eval
@@ -719,7 +713,11 @@ class _Banded:
             shape = self.meta[a]
             if len(shape) == 4 and shape[2] not in (1, out_h):
                 return None, f"operand {a.name} has {shape[2]} rows, the output {out_h}"  # type: ignore[return-value]
-        inplace = node.target in _INPLACE or getattr(self._module(node), "inplace", False)
+        inplace = (
+            node.target in (operator.iadd, operator.imul)
+            or (node.op == "call_method" and str(node.target).endswith("_"))
+            or getattr(self._module(node), "inplace", False)
+        )
 
         def need(lo: int, hi: int) -> dict[fx.Node, tuple[int, int]]:
             h = {a: self.meta[a] for a in args}
@@ -961,7 +959,7 @@ class _Banded:
         h, peak = self.meta[node][2], _Bytes()
         if not region:
             for lo in range(0, h, self.band_rows):
-                band = self._read(store[node], node, lo, min(lo + self.band_rows, h), None)
+                band = self._read(store[node], lo, min(lo + self.band_rows, h), None)
                 peak = peak.top(_Bytes() if store[node].fp32 is not None else _Bytes.decoded(band.nbytes))
                 sink(lo, band.rows(lo, min(lo + self.band_rows, h))[0])
             return peak
@@ -996,8 +994,7 @@ class _Banded:
                 break
             need = self._needs(node, region, lo, min(lo + self.band_rows, h), held)[0]
             for n, rows in need.items():
-                if (n is not node and n in held) or n in need:
-                    first.setdefault(n, rows)
+                first.setdefault(n, rows)
                 held[n] = (min(rows[0], held.get(n, rows)[0]), rows[1])
             lo += self.band_rows
         return first
@@ -1108,7 +1105,7 @@ class _Banded:
         for blob in s.blobs.values():
             blob.write(lo, rows)
 
-    def _read(self, s: Stored, node: fx.Node, lo: int, hi: int, reader: fx.Node | None) -> _Band:
+    def _read(self, s: Stored, lo: int, hi: int, reader: fx.Node | None) -> _Band:
         """Rows ``lo`` to ``hi`` of a stored value for ``reader``.
 
         A view of its float32 tensor, or the bands of its blob decoded (the blob of ``reader``'s quantizer when it

@@ -76,15 +76,18 @@ __all__ = ["BlobRecord", "CompressedReport", "run_compressed"]
 
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Dropout, nn.Identity,
+    nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Mish, nn.ELU, nn.PReLU, nn.Dropout, nn.Dropout2d,
+    nn.Identity,
 )  # fmt: skip
-"""Module types that may run in place on their input (BatchNorm in eval mode is a per-channel affine map)."""
+"""Module types that may run in place on their input (BatchNorm in eval mode is a per-channel affine map); the
+banded runtime (:mod:`.banded`) runs them on row bands."""
 ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset(
-    {operator.add, operator.iadd, operator.mul, operator.sub, torch.add, torch.mul, torch.relu, torch.sigmoid,
-     torch.tanh, TF.relu, TF.relu6, TF.hardtanh, TF.silu, TF.gelu, TF.dropout, "add", "mul", "relu", "sigmoid",
-     "tanh", "clamp"}
+    {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, torch.add, torch.mul,
+     torch.sub, torch.relu, torch.sigmoid, torch.tanh, TF.relu, TF.relu6, TF.hardtanh, TF.silu, TF.gelu,
+     TF.hardswish, TF.hardsigmoid, TF.leaky_relu, TF.dropout, "add", "add_", "mul", "mul_", "sub", "relu", "relu_",
+     "sigmoid", "tanh", "clamp", "contiguous"}
 )  # fmt: skip
-"""Functions (and method names) that may run in place on an operand of the output's size."""
+"""Functions (and method names) that may run in place on an operand of the output's size, or on row bands."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from test_arena import check_disjoint
 from torch import Tensor, nn
 
 from lightning_dqa import DQAConfig, calibrate, prepare, run_banded
@@ -100,10 +101,7 @@ def check_report(report: BandedReport) -> None:
     for scheme in ("stored", "int8", "fp32"):
         plan = report.arena(scheme)
         assert plan.nbytes >= live_bytes(plan.buffers)
-        for i, p in enumerate(plan.placements):  # no two buffers live at one step share a byte
-            for q in plan.placements[i + 1 :]:
-                if p.buffer.first <= q.buffer.last and q.buffer.first <= p.buffer.last:
-                    assert p.end <= q.offset or q.end <= p.offset or not p.buffer.nbytes or not q.buffer.nbytes
+        check_disjoint(plan)  # no two buffers live at one step share a byte
     coded = live_bytes(report.arena("stored").buffers)
     assert coded < live_bytes(report.arena("fp32").buffers)
     names = {b.name for b in report.arena("stored", apart=False).buffers} - {

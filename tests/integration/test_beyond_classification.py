@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from compat import Classifier, calibrated
+from compat import Classifier, calibrated, quantized_and_full
 from tiny import TinyConvNet, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -159,12 +159,7 @@ def test_predict_calibrates_on_its_own_unlabeled_loader_and_predicts_quantized()
         preds = torch.cat(quiet_trainer(callbacks=[cb]).predict(model, dataloaders=images()))
     assert cb.report is not None and cb.report.samples == 32 and calibrated(model)
     x = torch.cat([b[0] for b in images()])
-    model.eval()
-    with torch.no_grad():
-        quantized = model(x)
-        for q in quantizers_of(model).values():
-            q.enabled = False
-        full = model(x)
+    quantized, full = quantized_and_full(model, x)
     assert torch.equal(preds, quantized) and not torch.equal(preds, full)
 
 

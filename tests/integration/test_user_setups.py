@@ -10,14 +10,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from compat import calibrated
+from compat import calibrated, quantized_and_full
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from tiny import TinyNet, make_data, quiet_trainer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_dqa import DQACallback
-from lightning_dqa.core.attach import quantizers_of
 from lightning_dqa.integration.data import split_batch
 from lightning_dqa.integration.progress import CalibrationProgress
 
@@ -152,12 +151,7 @@ def test_predict_after_validate_predicts_with_the_quantized_model():
     t.validate(model, dataloaders=loader())
     preds = torch.cat(t.predict(model, dataloaders=loader()))
     x = torch.cat([b[0] for b in loader()])
-    model.eval()
-    with torch.no_grad():
-        quantized = model(x)
-        for q in quantizers_of(model).values():
-            q.enabled = False
-        full = model(x)
+    quantized, full = quantized_and_full(model, x)
     assert torch.equal(preds, quantized) and not torch.equal(preds, full)
 
 
