@@ -2,14 +2,16 @@
 
 :func:`allocate_widths` is stage 4 when ``DQAConfig.target_bits`` is set (the plan of :mod:`.allocation`, then
 counted as the meter counts); :func:`fit_peak` is stage 7 under ``target_peak_bytes``, which runs one calibration
-sample through the compressed runtime (:func:`lightning_dqa.deploy.compressed.run_compressed`) and steps down the
-layers live at the measured peak until it fits.
+sample through the compressed runtime (:func:`lightning_dqa.deploy.compressed.run_compressed`, or
+:func:`lightning_dqa.deploy.banded.run_banded` with ``peak_runtime="banded"``) and steps down the layers live at
+the measured peak until it fits.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ from lightning_dqa.calibration.selection import RANKINGS, RankInputs, important_
 from lightning_dqa.core.attach import set_quantizers_enabled
 from lightning_dqa.core.config import DQAConfig
 from lightning_dqa.core.quantizers import ActivationQuantizer
+from lightning_dqa.deploy.banded import run_banded
 from lightning_dqa.deploy.compressed import run_compressed
 
 __all__ = ["allocate_widths", "fit_peak"]
@@ -82,7 +85,9 @@ def fit_peak(
     """Stage 7 under ``target_peak_bytes``: step layers down until one sample's measured peak fits.
 
     Runs the first sample of ``example_input`` through :func:`lightning_dqa.deploy.compressed.run_compressed` (real
-    blobs, liveness in execution order). While the peak per sample exceeds the limit less
+    blobs, liveness in execution order), or with ``config.peak_runtime == "banded"`` through
+    :func:`lightning_dqa.deploy.banded.run_banded` (the arena's size; the layers live are those whose blobs are
+    live at its fullest step). While the peak per sample exceeds the limit less
     :data:`~.allocation.HEADROOM` of it (other samples' blobs code a little longer), the layer whose
     codes are live at the peak step and whose next cheaper option adds the least estimated noise per bit saved
     steps down. Under DDP each rank measures its own sample; rank 0's choices and verdict are then broadcast and
@@ -100,19 +105,19 @@ def fit_peak(
     try:
         failure = None
         while True:
-            _, report = run_compressed(model, sample)
-            allocation.peak_bytes = report.stored.nbytes / report.batch
+            peak = _measure(model, sample, config.peak_runtime)
+            allocation.peak_bytes = peak.nbytes
             if allocation.peak_bytes <= limit:
                 break
-            stepped = allocation.step_down(among=set(report.stored.live_layers))
+            stepped = allocation.step_down(among=set(peak.live_layers))
             if stepped is None:
-                live = ", ".join(f"{what} {size} B" for what, size in report.stored.live[:4])
+                live = ", ".join(f"{what} {size} B" for what, size in peak.live[:4])
                 floor = math.ceil(allocation.peak_bytes / (1 - HEADROOM))
                 failure = (
                     f"Expected target_peak_bytes >= {floor} bytes per sample: with every layer whose codes are live "
-                    f"at the peak at its cheapest option, the peak is {allocation.peak_bytes:.0f}, at step "
-                    f"{report.stored.step!r} (largest live: {live}), and {HEADROOM:.1%} is kept free; got "
-                    f"{config.target_peak_bytes:g}"
+                    f"at the peak at its cheapest option, the {config.peak_runtime} runtime's peak is "
+                    f"{allocation.peak_bytes:.0f}, at step {peak.step!r} (largest live: {live}), and {HEADROOM:.1%} "
+                    f"is kept free; got {config.target_peak_bytes:g}"
                 )
                 break
             _apply_choice(stepped, quantizers[stepped], allocation, stats, config)  # still calibrated: _finish ran
@@ -129,6 +134,29 @@ def fit_peak(
             q.calibrated.fill_(False)
         set_quantizers_enabled(model, False)
         raise
+
+
+@dataclass(frozen=True)
+class _Peak:
+    """One sample's measured peak: its bytes, the step it sits at, what is live there and which layers' codes."""
+
+    nbytes: float
+    step: str
+    live: list[tuple[str, int]]
+    live_layers: list[str]
+
+
+def _measure(model: nn.Module, sample: Tensor, runtime: str) -> _Peak:
+    """The peak of ``sample`` (one image) under ``runtime``: ``layer`` (run_compressed) or ``banded`` (run_banded)."""
+    if runtime == "banded":
+        _, banded = run_banded(model, sample)
+        step = banded.peak_step()
+        return _Peak(
+            banded.peak / banded.batch, "" if step is None else banded.steps[step], banded.at_peak(),
+            banded.live_layers,
+        )  # fmt: skip
+    _, report = run_compressed(model, sample)
+    return _Peak(report.stored.nbytes / report.batch, report.stored.step, report.stored.live, report.stored.live_layers)
 
 
 def _share_choices(

@@ -22,6 +22,7 @@ __all__ = [
     "METHODS",
     "PAPER_QUANTIZER",
     "PAPER_SETTING",
+    "PEAK_RUNTIMES",
     "RANKINGS",
     "SCALE_MODES",
     "SHARED_VALUES",
@@ -40,6 +41,7 @@ Code = Literal["signed", "unsigned", "auto"]
 Clipping = Literal["none", "percentile", "mse"]
 Where = Literal["input", "output"]
 SharedValues = Literal["fp32", "codes", "int8"]
+PeakRuntime = Literal["layer", "banded"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 RANKINGS: tuple[str, ...] = get_args(Ranking)
@@ -48,6 +50,7 @@ SCALE_MODES: tuple[str, ...] = get_args(ScaleMode)
 CODES: tuple[str, ...] = get_args(Code)
 WHERE: tuple[str, ...] = get_args(Where)
 SHARED_VALUES: tuple[str, ...] = get_args(SharedValues)
+PEAK_RUNTIMES: tuple[str, ...] = get_args(PeakRuntime)
 LAYER_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear", "ConvTranspose2d")
 MAX_SEED = 2**32 - 1  # seeds are mixed into 64-bit sampling keys and torch generators; Lightning's own bound
 SELECTING_METHODS: tuple[str, ...] = ("dqa",)
@@ -112,7 +115,13 @@ class DQAConfig:
             After the ``target_bits``
             allocation, calibration runs one sample compressed and, while its peak is above the limit, steps
             down the layer whose codes are live at the peak and lose least per bit saved. A limit below what
-            the full-precision tensors at the peak need alone is refused with the figure.
+            the full-precision tensors at the peak need alone is refused with the figure. ``peak_runtime``
+            says which runtime's peak it limits.
+        peak_runtime: the device runtime whose peak ``target_peak_bytes`` limits and the callback logs:
+            ``layer`` (default), :func:`lightning_dqa.deploy.compressed.run_compressed`, layer by layer; ``banded``,
+            :func:`lightning_dqa.run_banded` (row bands of one row, the arena of :mod:`lightning_dqa.deploy.banded`;
+            pair it with ``shared_values="codes"``). ``banded`` needs static or learnable scales (a band's maximum
+            is not the tensor's).
         shared_values: what becomes of a value that a quantized layer reads *and* something else reads in full
             precision (a ResNet block's input, feeding its first convolution and the residual shortcut; an
             inverted residual's input): ``fp32`` (default) keeps it in float32 beside the layer's codes;
@@ -145,6 +154,7 @@ class DQAConfig:
     target_bits: float | None = None
     target_peak_bytes: float | None = None
     shared_values: SharedValues = "fp32"
+    peak_runtime: PeakRuntime = "layer"
 
     def __post_init__(self) -> None:
         self._check_widths()
@@ -217,6 +227,12 @@ class DQAConfig:
         _choice("shared_values", self.shared_values, SHARED_VALUES)
         if self.shared_values != "fp32":
             self._check_shared()
+        _choice("peak_runtime", self.peak_runtime, PEAK_RUNTIMES)
+        if self.peak_runtime == "banded" and self.scale_mode == "dynamic":
+            raise ValueError(
+                "Expected scale_mode 'static' or 'learnable' with peak_runtime='banded' (a band's maximum is not the "
+                "tensor's, so dynamic scales cannot run in bands), got scale_mode='dynamic'"
+            )
         if (
             isinstance(self.percentile, bool)
             or not isinstance(self.percentile, int | float)

@@ -68,6 +68,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -148,10 +149,22 @@ class BandedBlob:
         """
         if not self.starts or lo < 0 or hi > self.starts[-1] + self._rows(-1) or lo >= hi:
             raise ValueError(f"Layer {self.q.name!r}: rows {lo} to {hi} are not stored")
-        first = max(i for i, s in enumerate(self.starts) if s <= lo)
-        last = max(i for i, s in enumerate(self.starts) if s < hi)
-        parts = [decode(self.q, self.blob(i)) for i in range(first, last + 1)]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)), self.starts[first]
+        first = bisect.bisect_right(self.starts, lo) - 1
+        last = bisect.bisect_left(self.starts, hi) - 1
+        for i in [i for i in self._decoded if i < first - 1]:  # rows are read top to bottom: older bands go
+            del self._decoded[i]
+        parts = [self._band(i) for i in range(first, last + 1)]
+        return (parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=2)), self.starts[first]
+
+    def _band(self, i: int) -> Tensor:
+        """Band ``i`` decoded, once while the next bands' halos read it again.
+
+        A speed-up of this simulation only: the bytes are counted as a device holds them (decoded rows dropped
+        after each read, decoded again by the next).
+        """
+        if i not in self._decoded:
+            self._decoded[i] = decode(self.q, self.blob(i))
+        return self._decoded[i]
 
     @property
     def nbytes(self) -> int:
@@ -165,6 +178,7 @@ class BandedBlob:
 
     def __post_init__(self) -> None:
         self._heights: list[int] = []
+        self._decoded: dict[int, Tensor] = {}
 
     def _rows(self, i: int) -> int:
         return self._heights[i]
@@ -181,6 +195,7 @@ class Stored:
         blobs: its codes, one :class:`BandedBlob` per quantizer it is coded with (by the quantizer's ``id``).
         first: the step that writes it; ``last``: the last step that reads it.
         why: why it is stored in float32 (empty for codes).
+        layers: the quantized layers whose codes its blobs are (what ``target_peak_bytes`` can step down).
 
     """
 
@@ -191,6 +206,7 @@ class Stored:
     first: int = 0
     last: int = 0
     why: str = ""
+    layers: tuple[str, ...] = ()
 
     def nbytes(self, scheme: str) -> int:
         """Bytes held: ``stored`` (blob bytes, float32 as is), ``int8`` (one byte per coded value) or ``fp32``.
@@ -278,15 +294,31 @@ class BandedReport:
             "output": self.output_bytes / n,
         }
 
+    def peak_step(self, scheme: str = "stored") -> int | None:
+        """The step with the most arena bytes live (the first such; input and output apart), ``None`` for none."""
+        return _fullest(self.arena(scheme).buffers, len(self.steps))
+
     def at_peak(self, scheme: str = "stored") -> list[tuple[str, int]]:
-        """What is live at the arena's top step: ``(name, bytes)``, largest first."""
-        plan = self.arena(scheme)
-        top = plan.top
-        if top is None:
+        """What is live at :meth:`peak_step`: ``(name, bytes)``, largest first."""
+        buffers = self.arena(scheme).buffers
+        step = _fullest(buffers, len(self.steps))
+        if step is None:
             return []
-        step = max(range(len(self.steps)), key=lambda i: sum(b.nbytes for b in plan.buffers if b.first <= i <= b.last))
-        live = [(b.name, b.nbytes) for b in plan.buffers if b.first <= step <= b.last]
-        return sorted(live, key=lambda t: -t[1])
+        return sorted(((b.name, b.nbytes) for b in buffers if b.first <= step <= b.last), key=lambda t: -t[1])
+
+    @property
+    def live_layers(self) -> list[str]:
+        """The quantized layers whose blobs are live at :meth:`peak_step`: stepping one down shrinks the peak.
+
+        Input and output are left out, as from the peak; a step's scratch holds float32 bands and line buffers,
+        which no layer's width changes much.
+        """
+        step = self.peak_step()
+        if step is None:
+            return []
+        apart = self._inputs | self._outputs
+        live = [s for s in self.stored if s.first <= step <= s.last and s.name not in apart]
+        return list(dict.fromkeys(layer for s in live for layer in s.layers))
 
     def table(self) -> str:
         """The step-by-step scratch and stored bytes, and the peaks, as text."""
@@ -1075,27 +1107,31 @@ class _Banded:
 
     def _new_store(self, node: fx.Node, shape: tuple[int, ...], why: str, step: int) -> Stored:
         """Codes (one blob per quantizer that reads it) when the model reads only codes of it; else float32."""
-        qs = self._codes_of(node, shape)
-        if qs is None:
+        codes = self._codes_of(node, shape)
+        if codes is None:
             return Stored(node.name, shape, fp32=torch.empty(shape, dtype=self._dtype()), first=step, why=why)
-        return Stored(
-            node.name, shape, blobs={id(q): BandedBlob(q, shape, self.coder) for q in qs}, first=step, why=why
-        )
+        qs, layers = codes
+        blobs = {id(q): BandedBlob(q, shape, self.coder) for q in qs}
+        return Stored(node.name, shape, blobs=blobs, first=step, why=why, layers=layers)
 
     def _dtype(self) -> torch.dtype:
         return next((p.dtype for p in self.model.parameters()), torch.float32)
 
-    def _codes_of(self, node: fx.Node, shape: tuple[int, ...]) -> list[ActivationQuantizer] | None:
+    def _codes_of(
+        self, node: fx.Node, shape: tuple[int, ...]
+    ) -> tuple[list[ActivationQuantizer], tuple[str, ...]] | None:
+        """The quantizers ``node`` is stored as codes of, and their layers; ``None`` to store it in float32."""
         if len(shape) != 4 or any(u.op == "output" for u in node.users):
             return None
         if node in self.coded:
             layer, mode, leading = self.coded[node]
             q = self.quantizers[layer]
             q = leading_quantizer(q, shape[q.channel_dim]) if leading else q
-            return [q if mode == "codes" else wide_quantizer(q, torch.empty(0))]
+            return [q if mode == "codes" else wide_quantizer(q, torch.empty(0))], (layer,)
         users = list(node.users)
         if users and all(u in self.readers and u.args[0] is node and node not in u.args[1:] for u in users):
-            return list({id(q): q for q in (self.quantizers[self.readers[u]] for u in users)}.values())
+            layers = tuple(dict.fromkeys(self.readers[u] for u in users))
+            return list({id(q): q for q in (self.quantizers[name] for name in layers)}.values()), layers
         return None
 
     def _write(self, s: Stored, lo: int, rows: Tensor) -> None:
@@ -1176,6 +1212,13 @@ def _window_params(m: nn.Module) -> tuple[tuple[int, int, int, int, int, float] 
     return (k, s, d, pad_h, pad_w, -math.inf if isinstance(m, nn.MaxPool2d) else 0.0), ""
 
 
+def _fullest(buffers: list[Buffer], steps: int) -> int | None:
+    """The first step with the most bytes of ``buffers`` live, ``None`` without buffers."""
+    if not buffers:
+        return None
+    return max(range(steps), key=lambda i: sum(b.nbytes for b in buffers if b.first <= i <= b.last))
+
+
 def _rows(b: _Band | _HeldCodes) -> int:
     return b.rows if isinstance(b, _HeldCodes) else int(b.t.shape[2])
 
@@ -1190,6 +1233,8 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 def _nbytes(t: Any) -> int:
+    if isinstance(t, Tensor):
+        return t.numel() * t.element_size()
     if isinstance(t, _Band):
         return t.nbytes
     return sum(x.numel() * x.element_size() for x in tree_leaves(t) if isinstance(x, Tensor))

@@ -90,8 +90,6 @@ def check_lifecycle_args(args: Mapping[str, Any]) -> None:
         )
     if not is_int(ignore_index):
         raise ValueError(f"Expected ignore_index to be an int (a target value to ignore), got {ignore_index!r}")
-    if args["peak_runtime"] not in ("layer", "banded"):
-        raise ValueError(f"Expected peak_runtime to be 'layer' or 'banded', got {args['peak_runtime']!r}")
     for name in LIFECYCLE_FLAGS:
         if not isinstance(args[name], bool):
             raise ValueError(f"Expected {name} to be a bool, got {args[name]!r}")

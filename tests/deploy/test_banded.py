@@ -228,3 +228,36 @@ def test_training_mode_is_refused() -> None:
     model, x = calibrated("resnet32")
     with pytest.raises(ValueError, match="eval mode"):
         run_banded(model.train(), x)
+
+
+def _calibrate_resnet(**changes: object) -> tuple[nn.Module, Tensor, object]:
+    """ResNet-20 at 16x16, 3-bit under a 4-bit budget with coded shortcuts; the calibration report."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    config = DQAConfig(bits=3, target_bits=4.0, shared_values="codes", peak_runtime="banded", **changes)
+    prepare(model, config)
+    report = calibrate(
+        model, config, [(x, y)], example_input=x, forward_fn=lambda m, b: m(b[0]),
+        loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+    )  # fmt: skip
+    return model, x, report
+
+
+def test_peak_limit_bounds_the_banded_arena() -> None:
+    """``target_peak_bytes`` with ``peak_runtime="banded"`` limits run_banded's arena, not the layer-by-layer peak."""
+    model, x, _ = _calibrate_resnet()
+    _, free = run_banded(model, x[:1])
+    assert free.live_layers and set(free.live_layers) <= set(quantizers_of(model))
+    limit = 0.9 * free.peak
+    model, x, report = _calibrate_resnet(target_peak_bytes=limit)
+    _, limited = run_banded(model, x[:1])
+    assert limited.peak <= limit < free.peak
+    assert report.allocation.peak_bytes == limited.peak
+    assert report.allocation.achieved_bits <= report.allocation.limit_bits
+
+
+def test_a_banded_peak_limit_below_the_float_scratch_names_the_floor() -> None:
+    with pytest.raises(ValueError, match=r"Expected target_peak_bytes >= \d+ bytes.*banded runtime's peak.*got 1000"):
+        _calibrate_resnet(target_peak_bytes=1000)

@@ -280,8 +280,10 @@ def test_banded_peak_is_logged_with_peak_runtime_banded():
 
 
 def test_peak_runtime_is_checked():
-    with pytest.raises(ValueError, match="peak_runtime to be 'layer' or 'banded', got 'bands'"):
+    with pytest.raises(ValueError, match=r"peak_runtime to be one of \['layer', 'banded'\], got 'bands'"):
         DQACallback(bits=3, peak_runtime="bands")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scale_mode 'static' or 'learnable' with peak_runtime='banded'"):
+        DQACallback(bits=3, scale_mode="dynamic", clipping="none", peak_runtime="banded")
 
 
 def test_a_model_that_cannot_run_compressed_warns_once_and_logs_no_peak():
