@@ -11,7 +11,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -126,6 +126,12 @@ def model_crc(coder: str, codebook: HuffmanCodebook, counts: Tensor | np.ndarray
     if coder == "ans":
         c = counts.detach().cpu().numpy() if isinstance(counts, Tensor) else np.asarray(counts)
         return zlib.crc32(c.astype("<i8").tobytes())
+    return _book_crc(codebook)
+
+
+@lru_cache(maxsize=256)
+def _book_crc(codebook: HuffmanCodebook) -> int:
+    """CRC-32 of a code book's bytes, once per book (books are immutable and hashed by identity)."""
     return zlib.crc32(codebook.to_bytes())
 
 
