@@ -32,6 +32,9 @@ again):
    rows, intermediate rows, the output rows) live at once while it runs, measured on the tensors themselves. The
    buffers are placed greedy by size (:mod:`.arena`); :attr:`BandedReport.peak` is the arena's size, with the
    model input and the final output listed apart (:attr:`BandedReport.input_bytes`, ``output_bytes``).
+5. **In place.** A step that reads a stored value for the last time frees its bands as it goes, and writes its
+   output into them (:meth:`BandedReport.in_place`: a residual block's output over its input, a few bands
+   below it). Chains of such values share one ring buffer, so a stage of blocks holds about one value, not two.
 
 The nodes that run in bands: ``Conv2d`` (zero padding, any stride, dilation and groups), ``ConvTranspose2d``
 (no output padding), ``MaxPool2d`` and ``AvgPool2d`` (``ceil_mode=False``), BatchNorm in eval mode, activations,
@@ -95,7 +98,7 @@ from lightning_dqa.deploy.compressed import (
 )
 from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
 
-__all__ = ["BandedBlob", "BandedReport", "Stored", "WholeNode", "run_banded"]
+__all__ = ["BandedBlob", "BandedReport", "InPlace", "Stored", "WholeNode", "run_banded"]
 
 
 @dataclass
@@ -196,6 +199,9 @@ class Stored:
         first: the step that writes it; ``last``: the last step that reads it.
         why: why it is stored in float32 (empty for codes).
         layers: the quantized layers whose codes its blobs are (what ``target_peak_bytes`` can step down).
+        writes: ``(tick, first row, end row)`` of each band written, in order (empty when written whole); a tick
+            counts the bands of every step, in execution order.
+        reads: per row, the tick of its last read (``-1``: never read); ``read_whole``: read whole at some step.
 
     """
 
@@ -207,6 +213,19 @@ class Stored:
     last: int = 0
     why: str = ""
     layers: tuple[str, ...] = ()
+    writes: list[tuple[int, int, int]] = field(default_factory=list)
+    reads: list[int] = field(default_factory=list)
+    read_whole: bool = False
+
+    def band_bytes(self, scheme: str) -> tuple[int, list[int]]:
+        """``(head, bytes of each band written)`` under ``scheme`` (as :meth:`nbytes`); the head is shared."""
+        per_row = math.prod(self.shape) // self.shape[2] if len(self.shape) == 4 else 0
+        if self.fp32 is not None or scheme != "stored":
+            size = 1 if scheme == "int8" and self.fp32 is None else 4
+            return 0, [size * per_row * (hi - lo) for _, lo, hi in self.writes]
+        blobs = list(self.blobs.values())
+        head = sum(len(b.head) for b in blobs)
+        return head, [sum(len(b.records[i]) for b in blobs) for i in range(len(self.writes))]
 
     def nbytes(self, scheme: str) -> int:
         """Bytes held: ``stored`` (blob bytes, float32 as is), ``int8`` (one byte per coded value) or ``fp32``.
@@ -228,6 +247,62 @@ class WholeNode:
     name: str
     op: str
     why: str
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """Stored value ``y`` written over ``x`` (its step's last read of ``x``): ``y`` starts ``gap`` bytes below.
+
+    ``nbytes``: what the pair's bands need, ``max(gap + |x|, |y|)`` (band bytes; heads apart).
+    """
+
+    x: str
+    y: str
+    gap: int
+    nbytes: int
+
+
+def _gap(x: Stored, y: Stored, scheme: str) -> int | None:
+    """How far ``y``'s written band bytes run ahead of ``x``'s freed ones at the worst band (``>= 0``).
+
+    Heads are left out: each value's head is a buffer of its own (it is read with every band). ``None`` when
+    ``x`` is read after ``y``'s last band is written, or never read in bands.
+    """
+    _, x_bands = x.band_bytes(scheme)
+    _, y_bands = y.band_bytes(scheme)
+    free_at = [max(x.reads[lo:hi], default=-1) for _, lo, hi in x.writes]  # tick after which a band is free
+    if not x.reads or max(free_at) > y.writes[-1][0]:  # a band never read (-1) is free from the start
+        return None
+    order = sorted(range(len(free_at)), key=free_at.__getitem__)
+    freed = k = written = gap = 0
+    for (tick, _, _), size in zip(y.writes, y_bands, strict=True):
+        while k < len(order) and free_at[order[k]] <= tick:  # reads of a tick come before its write
+            freed += x_bands[order[k]]
+            k += 1
+        written += size
+        gap = max(gap, written - freed)
+    return gap
+
+
+def _chains(pairs: list[InPlace]) -> dict[str, tuple[list[str], int]]:
+    """In-place pairs joined into chains ``x0 > x1 > ...``: per chain's first value, its members and ring size.
+
+    Each value dies into at most one successor and is written over at most one predecessor, so the pairs form
+    paths. In a ring of ``max`` over its pairs of ``gap + |x|`` (and every member's size), each value starts
+    ``gap`` bytes below its predecessor, modulo the ring: only a pair is live at once.
+    """
+    nxt = {p.x: p for p in pairs}
+    heads = [p.x for p in pairs if p.x not in {q.y for q in pairs}]
+    out: dict[str, tuple[list[str], int]] = {}
+    for head in heads:
+        members, size, name = [head], 0, head
+        while name in nxt:
+            pair = nxt[name]
+            size = max(size, pair.nbytes)
+            name = pair.y
+            members.append(name)
+        out[head] = (members, size)
+    return out
 
 
 @dataclass
@@ -258,22 +333,78 @@ class BandedReport:
     _inputs: set[str] = field(default_factory=set)
     _outputs: set[str] = field(default_factory=set)
 
-    def arena(self, scheme: str = "stored", apart: bool = True) -> Arena:
+    def arena(self, scheme: str = "stored", apart: bool = True, in_place: bool = True) -> Arena:
         """The arena of the stored values (``scheme`` as :meth:`Stored.nbytes`) and every step's scratch.
 
         Args:
             scheme: ``stored`` (the blobs), ``int8`` (every coded value at one byte) or ``fp32`` (every stored
                 value in float32: FP32 under the banded schedule).
             apart: leave the model input and the final outputs out (listed apart).
+            in_place: a stored value may be written over the one its step reads for the last time
+                (:meth:`in_place`): each chain of such values is one ring buffer. A ring is as large as its
+                largest pair, so it may hold more than its values at a step where one lives alone; the smaller
+                of the two arenas, with and without, is returned.
 
         """
-        buffers = [
+        plain = self._arena(scheme, apart, {})
+        if not in_place:
+            return plain
+        merged = self._arena(scheme, apart, _chains(self.in_place(scheme)))
+        return merged if merged.nbytes <= plain.nbytes else plain
+
+    def _arena(self, scheme: str, apart: bool, chains: dict[str, tuple[list[str], int]]) -> Arena:
+        outside = self._inputs | self._outputs if apart else set()
+        by_name = {s.name: s for s in self.stored}
+        buffers: list[Buffer] = []
+        for members, size in chains.values():
+            first, last = by_name[members[0]].first, by_name[members[-1]].last
+            buffers.append(Buffer(size, first, last, " > ".join(members) + " (in place)"))
+            for name in members:  # the heads, beside the ring
+                head, s = by_name[name].band_bytes(scheme)[0], by_name[name]
+                if head:
+                    buffers.append(Buffer(head, s.first, s.last, f"{name} head"))
+        inside = {name for members, _ in chains.values() for name in members}
+        buffers += [
             Buffer(s.nbytes(scheme), s.first, s.last, s.name)
             for s in self.stored
-            if not (apart and (s.name in self._inputs or s.name in self._outputs))
+            if s.name not in outside and s.name not in inside
         ]
         buffers += [Buffer(n, i, i, f"scratch of {self.steps[i]}") for i, n in enumerate(self.scratch[scheme])]
         return plan_arena(buffers, order="best")
+
+    def in_place(self, scheme: str = "stored") -> list[InPlace]:
+        """The stored values written over the value their step reads for the last time, as a device would.
+
+        A step writes its output ``y`` band by band while it reads the bands of an input ``x`` for the last time
+        (a residual block's output over its input, read by its first convolution and its shortcut). The bands
+        of ``x`` no later band reads are free, so ``y`` can be written into them if it starts ``gap`` bytes
+        below ``x``: ``gap`` is the most that ``y``'s written band bytes ever run ahead of ``x``'s freed ones,
+        measured on the ticks of every band read and written. The pair's bands then need
+        ``max(gap + |x|, |y|)`` bytes instead of ``|x| + |y|``; each value's head (a blob's shared part, read
+        with every band) is a buffer of its own. A step pairs its output with
+        the largest such input; the model input and outputs, values read or written whole, and values of
+        another height are never paired.
+        """
+        by_name = {s.name: s for s in self.stored}
+        outside = self._inputs | self._outputs
+        pairs: list[InPlace] = []
+        for y in self.stored:
+            if y.name in outside or not y.writes:
+                continue
+            best: InPlace | None = None
+            for x in self.stored:
+                if x.name in outside or x.read_whole or x.last != y.first or x.first >= y.first or not x.writes:
+                    continue
+                gap = _gap(x, y, scheme)
+                if gap is None:
+                    continue
+                size = max(gap + sum(x.band_bytes(scheme)[1]), sum(y.band_bytes(scheme)[1]))
+                pair = InPlace(x.name, y.name, gap, size)
+                if best is None or x.nbytes(scheme) > by_name[best.x].nbytes(scheme):
+                    best = pair
+            if best is not None:
+                pairs.append(best)
+        return pairs
 
     @property
     def peak(self) -> int:
@@ -571,6 +702,7 @@ class _Banded:
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.whole: list[WholeNode] = []
+        self.tick = 0  # bands run so far, over every step (when each band of a stored value is written and read)
 
     # ----------------------------------------------------------------- plan
     def run(self, x: Tensor) -> tuple[Any, BandedReport]:
@@ -991,12 +1123,14 @@ class _Banded:
         h, peak = self.meta[node][2], _Bytes()
         if not region:
             for lo in range(0, h, self.band_rows):
+                self.tick += 1
                 band = self._read(store[node], lo, min(lo + self.band_rows, h), None)
                 peak = peak.top(_Bytes() if store[node].fp32 is not None else _Bytes.decoded(band.nbytes))
                 sink(lo, band.rows(lo, min(lo + self.band_rows, h))[0])
             return peak
         st = _Stream(self, store, region, last_use)
         for lo in range(0, h, self.band_rows):
+            self.tick += 1
             hi = min(lo + self.band_rows, h)
             spans = {n: (b.start, b.start + _rows(b)) for n, b in st.held.items()}
             need, new, reads = self._needs(node, region, lo, hi, spans)
@@ -1082,6 +1216,7 @@ class _Banded:
         self, node: fx.Node, store: dict[fx.Node, Stored], stored: Mapping[fx.Node, str], step: int
     ) -> _Bytes:
         """Run ``node`` on whole inputs (decoded when coded); returns the decoded inputs' and the output's bytes."""
+        self.tick += 1
         held: dict[fx.Node, Tensor] = {}
         scratch = _Bytes()
         for a in node.all_input_nodes:
@@ -1104,6 +1239,7 @@ class _Banded:
             return
         for lo in range(0, value.shape[2], self.band_rows):
             self._write(s, lo, value[:, :, lo : lo + self.band_rows])
+        s.writes.clear()  # written whole: never written over another value
 
     def _new_store(self, node: fx.Node, shape: tuple[int, ...], why: str, step: int) -> Stored:
         """Codes (one blob per quantizer that reads it) when the model reads only codes of it; else float32."""
@@ -1135,6 +1271,7 @@ class _Banded:
         return None
 
     def _write(self, s: Stored, lo: int, rows: Tensor) -> None:
+        s.writes.append((self.tick, lo, lo + int(rows.shape[2])))
         if s.fp32 is not None:
             s.fp32[:, :, lo : lo + rows.shape[2]] = rows
             return
@@ -1147,6 +1284,12 @@ class _Banded:
         A view of its float32 tensor, or the bands of its blob decoded (the blob of ``reader``'s quantizer when it
         has one).
         """
+        if len(s.shape) == 4:
+            if not s.reads:
+                s.reads = [-1] * s.shape[2]
+            s.reads[lo:hi] = [self.tick] * (hi - lo)
+        else:
+            s.read_whole = True
         if s.fp32 is not None:
             return _Band(s.fp32[:, :, lo:hi] if s.fp32.ndim == 4 else s.fp32, lo if s.fp32.ndim == 4 else 0)
         wanted = {id(self.quantizers[self.readers[reader]])} if reader in self.readers else set()
@@ -1158,6 +1301,7 @@ class _Banded:
         return _Band(coded[matched[0]], start, coded if matched[0] in wanted else {})
 
     def _whole_value(self, s: Stored) -> Tensor:
+        s.read_whole = True
         if s.fp32 is not None:
             return s.fp32
         blob = next(iter(s.blobs.values()))

@@ -22,6 +22,7 @@ from lightning_dqa import DQAConfig, calibrate, prepare, run_banded
 from lightning_dqa.core.attach import quantizers_of
 from lightning_dqa.core.quantizers import ActivationQuantizer
 from lightning_dqa.demos.models import build_model
+from lightning_dqa.deploy import banded
 from lightning_dqa.deploy.arena import live_bytes
 from lightning_dqa.deploy.banded import BandedBlob, BandedReport
 from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
@@ -104,11 +105,42 @@ def check_report(report: BandedReport) -> None:
         check_disjoint(plan)  # no two buffers live at one step share a byte
     coded = live_bytes(report.arena("stored").buffers)
     assert coded < live_bytes(report.arena("fp32").buffers)
-    names = {b.name for b in report.arena("stored", apart=False).buffers} - {
-        b.name for b in report.arena("stored").buffers
+    names = {b.name for b in report.arena("stored", apart=False, in_place=False).buffers} - {
+        b.name for b in report.arena("stored", in_place=False).buffers
     }
     assert names == report._inputs | report._outputs
     assert report.input_bytes > 0 and report.output_bytes > 0
+    for scheme in ("stored", "int8", "fp32"):
+        assert report.arena(scheme).nbytes <= report.arena(scheme, in_place=False).nbytes
+        check_in_place(report, scheme)
+
+
+def check_in_place(report: BandedReport, scheme: str) -> None:
+    """Replay every in-place chain byte by byte in its ring: no band is written over a band still to be read.
+
+    Each value starts ``gap`` bytes below its predecessor (mod the ring), bands packed upward in the order
+    written. A band of a value is live from its write until the last tick that reads one of its rows (a tick's
+    reads come before its write); a band written at a tick must not touch a live band of the value it replaces.
+    """
+    by_name = {s.name: s for s in report.stored}
+    pairs = report.in_place(scheme)
+    assert len({p.x for p in pairs}) == len(pairs) == len({p.y for p in pairs})
+    for p in pairs:
+        x, y = by_name[p.x], by_name[p.y]
+        assert x.last == y.first and p.gap >= 0
+        ring = max(q.nbytes for q in pairs)  # any ring at least as large as the pair's own works
+        x_sizes, y_sizes = x.band_bytes(scheme)[1], y.band_bytes(scheme)[1]
+        assert sum(x_sizes) + p.gap <= p.nbytes and sum(y_sizes) <= p.nbytes
+        x_start, y_start = p.gap, 0
+
+        def cells(start: int, sizes: list[int], j: int, ring: int = ring) -> set[int]:
+            offset = start + sum(sizes[:j])
+            return {(offset + k) % ring for k in range(sizes[j])}
+
+        free = [max(x.reads[lo:hi], default=-1) for _, lo, hi in x.writes]
+        for j, (tick, _, _) in enumerate(y.writes):
+            live = set().union(*(cells(x_start, x_sizes, i) for i in range(len(x_sizes)) if free[i] > tick))
+            assert not live & cells(y_start, y_sizes, j), f"{p.y} band {j} overwrites a live band of {p.x}"
 
 
 def test_every_stored_value_of_a_residual_network_is_codes() -> None:
@@ -246,11 +278,20 @@ def _calibrate_resnet(**changes: object) -> tuple[nn.Module, Tensor, object]:
 
 
 def test_peak_limit_bounds_the_banded_arena() -> None:
-    """``target_peak_bytes`` with ``peak_runtime="banded"`` limits run_banded's arena, not the layer-by-layer peak."""
+    """``target_peak_bytes`` with ``peak_runtime="banded"`` limits run_banded's arena, not the layer-by-layer peak.
+
+    A limit below what can be reached is refused with the floor; any limit between the floor and the free peak
+    is then met.
+    """
     model, x, _ = _calibrate_resnet()
     _, free = run_banded(model, x[:1])
     assert free.live_layers and set(free.live_layers) <= set(quantizers_of(model))
-    limit = 0.9 * free.peak
+    refused = r"Expected target_peak_bytes >= \d+ bytes.*banded runtime's peak.*got 1000"
+    with pytest.raises(ValueError, match=refused) as err:
+        _calibrate_resnet(target_peak_bytes=1000)
+    floor = int(str(err.value).split(">= ")[1].split(" ")[0])
+    assert floor < free.peak
+    limit = (floor + free.peak) / 2
     model, x, report = _calibrate_resnet(target_peak_bytes=limit)
     _, limited = run_banded(model, x[:1])
     assert limited.peak <= limit < free.peak
@@ -258,6 +299,18 @@ def test_peak_limit_bounds_the_banded_arena() -> None:
     assert report.allocation.achieved_bits <= report.allocation.limit_bits
 
 
-def test_a_banded_peak_limit_below_the_float_scratch_names_the_floor() -> None:
-    with pytest.raises(ValueError, match=r"Expected target_peak_bytes >= \d+ bytes.*banded runtime's peak.*got 1000"):
-        _calibrate_resnet(target_peak_bytes=1000)
+def test_block_outputs_are_written_over_their_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ResNet-32: each block's output goes into the bands of its input its step has read for the last time.
+
+    The stored values of a stage form one ring, so the arena falls; the byte-by-byte replay of ``check_in_place``
+    fails when the gap is understated (it does not pass vacuously).
+    """
+    model, x = calibrated("resnet32")
+    _, report = run_banded(model, x)
+    pairs = report.in_place()
+    assert len(pairs) >= 14 and any(p.gap > 0 for p in pairs)
+    assert report.arena("stored").nbytes < report.arena("stored", in_place=False).nbytes
+    check_in_place(report, "stored")
+    monkeypatch.setattr(banded, "_gap", lambda x, y, scheme: 0)
+    with pytest.raises(AssertionError, match="overwrites a live band"):
+        check_in_place(report, "stored")
