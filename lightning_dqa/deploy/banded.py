@@ -439,17 +439,32 @@ class BandedReport:
 
     @property
     def live_layers(self) -> list[str]:
-        """The quantized layers whose blobs are live at :meth:`peak_step`: stepping one down shrinks the peak.
+        """The quantized layers whose blobs hold the arena's fullest step: stepping one down shrinks the peak.
 
+        The blobs live there, and for a ring (:meth:`in_place`) live there, the pair that sets its size as well.
         Input and output are left out, as from the peak; a step's scratch holds float32 bands and line buffers,
         which no layer's width changes much.
         """
-        step = self.peak_step()
+        plan = self.arena()
+        step = _fullest(plan.buffers, len(self.steps))
         if step is None:
             return []
-        apart = self._inputs | self._outputs
-        live = [s for s in self.stored if s.first <= step <= s.last and s.name not in apart]
-        return list(dict.fromkeys(layer for s in live for layer in s.layers))
+        pairs = self.in_place()
+        rings = {" > ".join(m) + " (in place)": m for m, _ in _chains(pairs).values()}
+        by_name = {s.name: s for s in self.stored}
+        names: list[str] = []
+        for buf in plan.buffers:
+            if not buf.first <= step <= buf.last:
+                continue
+            if buf.name in rings:
+                members = rings[buf.name]
+                top = max((p for p in pairs if p.x in members), key=lambda p: p.nbytes)
+                names += [top.x, top.y] + [n for n in members if by_name[n].first <= step <= by_name[n].last]
+            elif buf.name in by_name:
+                names.append(buf.name)
+            elif buf.name.endswith(" head") and buf.name[: -len(" head")] in by_name:
+                names.append(buf.name[: -len(" head")])
+        return list(dict.fromkeys(layer for n in names for layer in by_name[n].layers))
 
     def table(self) -> str:
         """The step-by-step scratch and stored bytes, and the peaks, as text."""

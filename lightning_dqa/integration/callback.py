@@ -115,7 +115,9 @@ class DQACallback(Callback):
             through :func:`lightning_dqa.run_banded` (row bands of one row, :mod:`lightning_dqa.deploy.banded`),
             logs ``dqa/banded_{stored,int8,fp32}_kib_per_image`` and makes ``dqa/memory_saving`` the banded
             peak's saving against the FP32 pass layer by layer. Pair it with ``shared_values="codes"``. Python
-            runs the bands one by one: about a second per image for ResNet-32 on a CPU, once per evaluation epoch.
+            runs the bands one by one: under a second per image for ResNet-32 on a CPU, once per evaluation
+            epoch. A :class:`~lightning_dqa.DQAConfig` field, so it also says which peak ``target_peak_bytes``
+            limits, and it is saved with the checkpoint and the artifact.
 
     Raises:
         ValueError: at construction, for any invalid argument (the message names it).
