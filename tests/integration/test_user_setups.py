@@ -279,6 +279,21 @@ def test_banded_peak_is_logged_with_peak_runtime_banded():
     assert float(t.callback_metrics["dqa/memory_saving"]) == pytest.approx(1 - banded["stored"] / fp32, rel=1e-6)
 
 
+def test_target_peak_bytes_limits_the_banded_peak_through_the_trainer():
+    """``peak_runtime="banded"`` with ``target_peak_bytes``: calibration measures the first calibration image with
+    run_banded, and a limit below the float32 scratch is refused with the banded runtime named."""
+    from lightning_dqa import run_banded
+
+    kwargs = dict(bits=3, target_bits=4.0, calibration_samples=64, calibration_source="val", shared_values="codes",
+                  peak_runtime="banded", verbose=False)  # fmt: skip
+    model, cb = BareNet(), DQACallback(target_peak_bytes=1e9, **kwargs)
+    trainer(callbacks=[cb]).validate(model, dataloaders=loader())
+    first = next(iter(loader()))[0][:1]
+    assert cb.report.allocation.peak_bytes == run_banded(model.eval(), first)[1].peak
+    with pytest.raises(ValueError, match=r"Expected target_peak_bytes >= .*the banded runtime's peak"):
+        trainer(callbacks=[DQACallback(target_peak_bytes=100, **kwargs)]).validate(BareNet(), dataloaders=loader())
+
+
 def test_peak_runtime_is_checked():
     with pytest.raises(ValueError, match=r"peak_runtime to be one of \['layer', 'banded'\], got 'bands'"):
         DQACallback(bits=3, peak_runtime="bands")  # type: ignore[arg-type]
