@@ -63,6 +63,7 @@ __all__ = [
     "CallTracer",
     "SharedValue",
     "attach_shared",
+    "channel_quantizer",
     "detach_shared",
     "find_shared",
     "is_leading",
@@ -274,14 +275,26 @@ def leading_quantizer(q: ActivationQuantizer, channels: int) -> ActivationQuanti
     Raises:
         ValueError: for a quantizer that adds noise (NoisyQuant) or has no static scale.
     """
+    return channel_quantizer(q, 0, channels)
+
+
+def channel_quantizer(q: ActivationQuantizer, start: int, stop: int) -> ActivationQuantizer:
+    """A transient quantizer of channels ``start`` to ``stop`` of ``q`` (its scales, important mask, histogram).
+
+    Its codes and values are ``q``'s on those channels, bit for bit (a quantizer acts on each channel alone). The
+    banded runtime holds a depthwise convolution's line buffer with one per channel chunk.
+
+    Raises:
+        ValueError: for a quantizer that adds noise (NoisyQuant) or has no static scale.
+    """
     if q.input_noise() is not None or q.scale_mode == "dynamic":
-        raise ValueError(f"Layer {q.name!r}: a leading channel slice needs a noise-free quantizer with frozen scales")
+        raise ValueError(f"Layer {q.name!r}: a channel slice needs a noise-free quantizer with frozen scales")
     part = ActivationQuantizer(
-        channels, bits=q.n, extra_bits=q.m, scale_mode="static", signed=q.is_signed, channel_dim=q.channel_dim,
-        name=f"{q.name} (channels 0-{channels - 1})",
+        stop - start, bits=q.n, extra_bits=q.m, scale_mode="static", signed=q.is_signed, channel_dim=q.channel_dim,
+        name=f"{q.name} (channels {start}-{stop - 1})",
     )  # fmt: skip
-    part.set_static_scale(q.current_scale(torch.empty(0)).detach()[:channels])
-    part.important.copy_(q.important[:channels])
+    part.set_static_scale(q.current_scale(torch.empty(0)).detach()[start:stop])
+    part.important.copy_(q.important[start:stop])
     part.error_counts.copy_(q.error_counts)
     part.calibrated.fill_(True)
     return part.to(q.scale.device)

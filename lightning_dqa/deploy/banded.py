@@ -26,7 +26,9 @@ again):
    transposed convolution half); stored codes are decoded only for the bands those rows fall in, every node
    runs on its rows only (zero padding added where the rows reach the tensor's border), and the band's output is
    encoded (or written into its float32 buffer) before the next band. A quantizer acts on one channel at a time,
-   so quantizing a band is quantizing the tensor.
+   so quantizing a band is quantizing the tensor. A value only depthwise convolutions read (an inverted
+   residual's expanded tensor) keeps its line buffer as codes in ``depthwise_chunks`` channel chunks, decoded
+   and convolved one chunk at a time, so its rows are never all in float32 at once.
 4. **The peak is an arena.** Every stored value is a buffer live from the step (region or whole node) that writes
    it to the last step that reads it; each step also holds its scratch, the most bytes of band tensors (decoded
    rows, intermediate rows, the output rows) live at once while it runs, measured on the tensors themselves. The
@@ -87,7 +89,7 @@ from lightning_dqa.codec.entropy import DEFAULT_CODER
 from lightning_dqa.codec.layout import check_coder, join_band, split_band
 from lightning_dqa.core.attach import _input_hook
 from lightning_dqa.core.quantizers import ActivationQuantizer
-from lightning_dqa.core.shared import leading_quantizer, wide_quantizer
+from lightning_dqa.core.shared import channel_quantizer, leading_quantizer, wide_quantizer
 from lightning_dqa.deploy.arena import Arena, Buffer, plan_arena
 from lightning_dqa.deploy.compressed import (
     ELEMENTWISE_FUNCTIONS,
@@ -532,6 +534,11 @@ def _cost(b: Any) -> _Bytes:
     """What a band or a line buffer holds."""
     if isinstance(b, _HeldCodes):
         return _Bytes(len(b.blob), b.numel, 4 * b.numel)
+    if isinstance(b, _HeldChunks):
+        return sum((_cost(p) for p in b.parts), _Bytes())
+    if isinstance(b, _SplitBand):
+        held = _cost(b.held) if b.held is not None else _Bytes()
+        return held + _Bytes.same(_nbytes(b.new) if b.new is not None else 0)
     return _Bytes.same(_nbytes(b))
 
 
@@ -554,9 +561,64 @@ class _HeldCodes:
         return _Band(decode(self.q, self.blob), self.start)
 
 
+@dataclass
+class _HeldChunks:
+    """A depthwise convolution's line buffer as codes, one blob per channel chunk (rows ``start`` on)."""
+
+    parts: list[_HeldCodes]
+
+    @property
+    def start(self) -> int:
+        return self.parts[0].start
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+@dataclass
+class _SplitBand:
+    """The band of a value only depthwise convolutions read: its line buffer kept as chunk codes, new rows float.
+
+    Rows ``start`` to ``new_start`` are in ``held`` (never decoded whole), rows from ``new_start`` in ``new``.
+    """
+
+    held: _HeldChunks | None
+    new: Tensor | None
+    start: int
+    new_start: int
+    chunks: list[tuple[ActivationQuantizer, tuple[int, int]]]
+
+    @property
+    def nbytes(self) -> int:
+        return (self.held.nbytes if self.held is not None else 0) + (_nbytes(self.new) if self.new is not None else 0)
+
+    @property
+    def t(self) -> Tensor:  # only its shape is read (rows): the new rows' shape with every row
+        raise TypeError("a split band is read chunk by chunk")
+
+    def chunk(self, c: int, lo: int, hi: int) -> tuple[Tensor, int]:
+        """Rows ``lo`` to ``hi`` of chunk ``c``'s channels: held rows decoded, new rows as they are.
+
+        Returns the rows and the bytes decoded for them (scratch while the chunk runs).
+        """
+        chunk = self.chunks[c][1]
+        parts, decoded = [], 0
+        if self.held is not None and lo < self.new_start:
+            held = self.held.parts[c]
+            rows = decode(held.q, held.blob)
+            decoded = _nbytes(rows)
+            parts.append(rows[:, :, lo - held.start : min(hi, self.new_start) - held.start])
+        if self.new is not None and hi > self.new_start:
+            first, end = max(lo, self.new_start) - self.new_start, hi - self.new_start
+            parts.append(self.new[:, chunk[0] : chunk[1], first:end])
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)), decoded
+
+
 @torch.no_grad()
 def run_banded(
-    model: nn.Module, inputs: Tensor, band_rows: int = 1, coder: str = DEFAULT_CODER, strict: bool = False
+    model: nn.Module, inputs: Tensor, band_rows: int = 1, coder: str = DEFAULT_CODER, strict: bool = False,
+    depthwise_chunks: int = 4,
 ) -> tuple[Any, BandedReport]:
     """Run a calibrated model in row bands with its stored activations as banded blobs; see the module docstring.
 
@@ -569,6 +631,9 @@ def run_banded(
         coder: entropy coder of the shifting errors (:func:`~.layer_bytes.quantizer_to_bytes`).
         strict: refuse a model with a node that cannot run in bands (a ``ValueError`` naming each) instead of
             running it whole and listing it in :attr:`BandedReport.whole`.
+        depthwise_chunks: a value only depthwise convolutions read (an inverted residual's expanded tensor) keeps
+            its line buffer as codes in this many channel chunks, decoded and convolved one chunk at a time, so
+            its rows are never all float32 at once (``1``: decoded whole).
 
     Returns:
         ``(output, report)``.
@@ -579,8 +644,9 @@ def run_banded(
             :func:`~.compressed.run_compressed` refuses (no quantizer, an uncalibrated one, no trace).
 
     """
-    if isinstance(band_rows, bool) or not isinstance(band_rows, int) or band_rows < 1:
-        raise ValueError(f"Expected band_rows to be an int >= 1, got {band_rows!r}")
+    for name, value in (("band_rows", band_rows), ("depthwise_chunks", depthwise_chunks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected {name} to be an int >= 1, got {value!r}")
     if not isinstance(inputs, Tensor) or inputs.ndim != 4:
         raise ValueError(f"Expected inputs to be images (N, C, H, W), got {_describe(inputs)}")
     if model.training:
@@ -594,7 +660,7 @@ def run_banded(
         )
     check_coder(coder, torch.ones(1))
     gm, readers, coded, _ = _trace(model, quantizers, "run_banded")
-    return _Banded(model, gm, readers, quantizers, coded, band_rows, coder, strict).run(inputs)
+    return _Banded(model, gm, readers, quantizers, coded, band_rows, coder, strict, depthwise_chunks).run(inputs)
 
 
 def _describe(x: Any) -> str:
@@ -647,8 +713,9 @@ class _Stream:
     ) -> None:
         self.runner, self.store, self.inside, self.last_use = runner, store, set(region), last_use
         self.codes = {x: runner._line_quantizer(x, self.inside) for x in region}
-        self.held: dict[fx.Node, _Band | _HeldCodes] = {}
-        self.bands: dict[fx.Node, _Band] = {}
+        self.split = {x: c for x in region if (c := runner._chunks(x, self.codes[x], self.inside)) is not None}
+        self.held: dict[fx.Node, Any] = {}
+        self.bands: dict[fx.Node, Any] = {}
         self.live = self.peak = _Bytes()
         self.nxt: dict[fx.Node, tuple[int, int]] = {}
 
@@ -662,33 +729,43 @@ class _Stream:
         """Give node ``n`` its ``rows``: its line buffer, plus the ``new`` rows computed from ``reads``."""
         r, a = self.runner, rows[0]
         old: Any = self.held.pop(n, None)
+        if n in self.split:  # read chunk by chunk: the line buffer stays codes
+            if new is not None and new[0] == a and old is not None:  # nothing of it is read again
+                self.live -= _cost(old)
+                old = None
+            band = _SplitBand(old, None, a, a + (_rows(old) if old is not None else 0), self.split[n])
         if isinstance(old, _HeldCodes):  # decoded for the node that reads it
             decoded = old.band()
             self.live += _cost(decoded) - _cost(old)
             self.peak = self.peak.top(self.live)
             old = decoded
         if new is None:  # every row it must give is in its line buffer
-            self.bands[n] = old
+            self.bands[n] = band if n in self.split else old
             return
         local = {x: r._read(self.store[x], *rr, n) for x, rr in reads.items() if x not in self.inside}
         local_bytes = _Bytes.decoded(sum(v.nbytes for x, v in local.items() if self.store[x].fp32 is None))
+        r.transient = 0
         value = r.rules[n].run(*new, {**self.bands, **local})
+        transient = _Bytes.decoded(r.transient)  # chunk rows a split band decoded while ``n`` ran
         size = _nbytes(value)
-        t = value if new[0] == a else torch.cat([old.rows(a, new[0])[0], value], 2)
+        if n in self.split:
+            t: Any = _SplitBand(band.held, value, a, new[0], self.split[n])
+        else:
+            t = value if new[0] == a else torch.cat([old.rows(a, new[0])[0], value], 2)
         order = r.order[n]
         dropped = [x for x in dict.fromkeys(n.all_input_nodes) if x in self.bands and self.last_use[x] <= order]
-        kept = {x: r._keep(self.bands[x], self.nxt.get(x), self.codes[x]) for x in dropped}  # read again later
+        kept = {x: self._keep(x, self.bands[x]) for x in dropped}  # read again later
         reuse = 0
         if r.rules[n].pointwise:  # run in place on an input band dropped here
             reuse = next((self.bands[x].nbytes for x in dropped if kept[x] is None and self.bands[x].nbytes == size), 0)
         # the new rows go into the node's line buffer (a ring of rows on a device): it grows from old to t; the part
         # of a ring that is kept costs nothing
-        grows = size if t is value else _nbytes(t) - (old.nbytes if old is not None else 0)
-        self.peak = self.peak.top(self.live + local_bytes + _Bytes.same(grows - reuse))
+        grows = size if t is value or n in self.split else _nbytes(t) - (old.nbytes if old is not None else 0)
+        self.peak = self.peak.top(self.live + local_bytes + transient + _Bytes.same(grows - reuse))
         if old is not None:
             self.live -= _cost(old)
-        self.bands[n] = _Band(t, a)
-        self.live += _cost(t)
+        self.bands[n] = t if n in self.split else _Band(t, a)
+        self.live += _cost(self.bands[n])
         for x in dropped:
             self._hold(x, self.bands.pop(x), kept[x])
 
@@ -696,8 +773,24 @@ class _Stream:
         """Close a band: drop ``node``'s rows (handed on) and keep what a later band reads of the others."""
         self.live -= _cost(self.bands.pop(node))
         for x, band in list(self.bands.items()):
-            self._hold(x, band, self.runner._keep(band, self.nxt.get(x), self.codes[x]))
+            self._hold(x, band, self._keep(x, band))
         self.bands = {}
+
+    def _keep(self, x: fx.Node, band: Any) -> Any:
+        """What ``x`` keeps of ``band`` for a later band (:meth:`_Banded._keep`; chunk codes for a split band)."""
+        rows = self.nxt.get(x)
+        if not isinstance(band, _SplitBand):
+            return self.runner._keep(band, rows, self.codes[x])
+        end = band.new_start + (int(band.new.shape[2]) if band.new is not None else 0)
+        first = max(rows[0], band.start) if rows is not None else end
+        if first >= end:
+            return None
+        parts = []
+        for c, (q, _) in enumerate(band.chunks):
+            t = band.chunk(c, first, end)[0]
+            blob = quantizer_to_bytes(q, t, coder=self.runner.coder)
+            parts.append(_HeldCodes(q, first, end - first, blob, t.numel()))
+        return _HeldChunks(parts)
 
     def _hold(self, x: fx.Node, band: _Band, kept: _Band | _HeldCodes | None) -> None:
         self.live -= _cost(band)
@@ -710,10 +803,11 @@ class _Banded:
     def __init__(
         self, model: nn.Module, gm: fx.GraphModule, readers: Mapping[fx.Node, str],
         quantizers: dict[str, ActivationQuantizer], coded: Mapping[fx.Node, tuple[str, str, bool]], band_rows: int,
-        coder: str, strict: bool = False,
+        coder: str, strict: bool = False, chunks: int = 4,
     ) -> None:  # fmt: skip
         self.model, self.gm, self.readers, self.quantizers = model, gm, readers, quantizers
         self.coded, self.band_rows, self.coder, self.strict = coded, band_rows, coder, strict
+        self.chunks, self.transient = chunks, 0
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.whole: list[WholeNode] = []
@@ -933,7 +1027,11 @@ class _Banded:
 
         def run(lo: int, hi: int, bands: Mapping[fx.Node, _Band]) -> Tensor:
             a, b = lo * s - pad_h, (hi - 1) * s - pad_h + d * (k - 1) + 1
-            rows, coded = bands[src].rows(max(a, 0), min(b, in_h), quantizer_id)
+            band = bands[src]
+            if isinstance(band, _SplitBand):
+                assert isinstance(m, nn.Conv2d)
+                return self._depthwise(m, band, a, b, in_h, pad_w)
+            rows, coded = band.rows(max(a, 0), min(b, in_h), quantizer_id)
 
             def call(t: Tensor) -> Tensor:
                 top, bottom = max(-a, 0), max(b - in_h, 0)
@@ -949,6 +1047,27 @@ class _Banded:
             return _hooked(m, rows, coded, call)
 
         return _Rule(need, run), ""
+
+    def _depthwise(
+        self, m: nn.Conv2d, band: _SplitBand, a: int, b: int, in_h: int, pad_w: int
+    ) -> Tensor:
+        """A depthwise convolution over input rows ``a`` to ``b`` (zero rows outside ``0..in_h``), chunk by chunk.
+
+        Each chunk's held rows are decoded (``q(x)`` already), its new rows quantized with the chunk's quantizer
+        (the layer's own on those channels, bit for bit), and convolved with the chunk's filters; the most bytes
+        decoded for one chunk are left in :attr:`transient` for the step's scratch.
+        """
+        outs = []
+        for c, (q, (c0, c1)) in enumerate(band.chunks):
+            rows, decoded = band.chunk(c, max(a, 0), min(b, in_h))
+            self.transient = max(self.transient, decoded)
+            t = q.quantize_values(rows)
+            top, bottom = max(-a, 0), max(b - in_h, 0)
+            if top or bottom:
+                t = TF.pad(t, (0, 0, top, bottom))
+            bias = None if m.bias is None else m.bias[c0:c1]
+            outs.append(TF.conv2d(t, m.weight[c0:c1], bias, m.stride, (0, pad_w), m.dilation, c1 - c0))
+        return torch.cat(outs, dim=1)
 
     def _transpose_rule(self, node: fx.Node, m: nn.ConvTranspose2d) -> tuple[_Rule | None, str]:
         src = node.args[0]
@@ -1208,6 +1327,30 @@ class _Banded:
         q = next(iter(qs.values()))
         return q if q.input_noise() is None and q.scale_mode != "dynamic" else None
 
+    def _chunks(
+        self, x: fx.Node, q: ActivationQuantizer | None, inside: set[fx.Node]
+    ) -> list[tuple[ActivationQuantizer, tuple[int, int]]] | None:
+        """Channel chunks (with their quantizers) to read ``x`` in, when only depthwise convolutions read it.
+
+        A depthwise convolution's output channel reads its input channel alone, so its line buffer (held as
+        ``q``'s codes) is decoded and convolved one chunk of channels at a time: a few rows of a chunk in float32
+        at once, not of every channel. ``None`` with ``depthwise_chunks=1``, or when another node reads ``x``.
+        """
+        channels = self.meta[x][1] if len(self.meta[x]) == 4 else 0
+        if q is None or self.chunks < 2 or channels < 2:
+            return None
+        for u in (u for u in x.users if u in inside):
+            m = self._module(u)
+            if not (
+                isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.padding_mode == "zeros"
+                and list(m._forward_pre_hooks.values()) == [_input_hook] and not m._forward_hooks
+                and u in self.rules
+            ):  # fmt: skip
+                return None
+        size = -(-channels // self.chunks)
+        spans = [(c, min(c + size, channels)) for c in range(0, channels, size)]
+        return [(channel_quantizer(q, a, b), (a, b)) for a, b in spans]
+
     def _run_reduction(
         self, node: fx.Node, src: fx.Node, region: list[fx.Node], store: dict[fx.Node, Stored], why: str,
         step: int,
@@ -1378,7 +1521,11 @@ def _fullest(buffers: list[Buffer], steps: int) -> int | None:
     return max(range(steps), key=lambda i: sum(b.nbytes for b in buffers if b.first <= i <= b.last))
 
 
-def _rows(b: _Band | _HeldCodes) -> int:
+def _rows(b: Any) -> int:
+    if isinstance(b, _HeldChunks):
+        return b.parts[0].rows
+    if isinstance(b, _SplitBand):
+        return b.new_start - b.start + (int(b.new.shape[2]) if b.new is not None else 0)
     return b.rows if isinstance(b, _HeldCodes) else int(b.t.shape[2])
 
 

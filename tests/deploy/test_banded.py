@@ -225,6 +225,8 @@ def test_banded_blob_is_written_and_read_band_by_band() -> None:
     [
         ({"band_rows": 0}, "band_rows to be an int >= 1, got 0"),
         ({"band_rows": True}, "band_rows to be an int >= 1, got True"),
+        ({"depthwise_chunks": 0}, "depthwise_chunks to be an int >= 1, got 0"),
+        ({"depthwise_chunks": 2.0}, "depthwise_chunks to be an int >= 1, got 2.0"),
         ({"inputs": torch.zeros(3, 32, 32)}, r"images \(N, C, H, W\), got a tensor of shape \(3, 32, 32\)"),
     ],
 )
@@ -314,3 +316,36 @@ def test_block_outputs_are_written_over_their_inputs(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(banded, "_gap", lambda x, y, scheme: 0)
     with pytest.raises(AssertionError, match="overwrites a live band"):
         check_in_place(report, "stored")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnet_b0"])
+def test_depthwise_line_buffers_are_read_chunk_by_chunk(name: str) -> None:
+    """An inverted residual's expanded tensor is read by its depthwise convolution one channel chunk at a time.
+
+    The output is the fake-quantized forward's either way; the scratch falls, since the line buffer's rows are
+    never all decoded to float32 at once.
+    """
+    model, x = calibrated(name)
+    with torch.no_grad():
+        reference = model(x) + 0.0
+    peaks = {}
+    for chunks in (1, 4):
+        out, report = run_banded(model, x, depthwise_chunks=chunks)
+        assert torch.equal(out + 0.0, reference), chunks
+        peaks[chunks] = max(report.scratch["stored"])
+    assert peaks[4] < peaks[1]
+
+
+def test_a_channel_slice_quantizer_codes_its_channels_as_the_layer_does() -> None:
+    from lightning_dqa.core.shared import channel_quantizer
+    from lightning_dqa.deploy.compressed import decode
+
+    g = torch.Generator().manual_seed(0)
+    q = ActivationQuantizer(8, bits=3, extra_bits=2, scale_mode="static")
+    q.set_static_scale(torch.rand(8, generator=g) + 0.1)
+    q.important[[1, 5]] = True
+    q.calibrated.fill_(True)
+    x = torch.randn(2, 8, 3, 5, generator=g)
+    part = channel_quantizer(q, 2, 6)
+    assert torch.equal(part.quantize_values(x[:, 2:6]), q.quantize_values(x)[:, 2:6])
+    assert torch.equal(decode(part, quantizer_to_bytes(part, x[:, 2:6])), q.quantize_values(x)[:, 2:6])
