@@ -22,7 +22,7 @@ from lightning_dqa import DQAConfig, calibrate, prepare, run_banded
 from lightning_dqa.core.attach import quantizers_of
 from lightning_dqa.core.quantizers import ActivationQuantizer
 from lightning_dqa.demos.models import build_model
-from lightning_dqa.deploy import banded
+from lightning_dqa.deploy import banded_report
 from lightning_dqa.deploy.arena import live_bytes
 from lightning_dqa.deploy.banded import BandedBlob, BandedReport
 from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
@@ -313,7 +313,7 @@ def test_block_outputs_are_written_over_their_inputs(monkeypatch: pytest.MonkeyP
     assert len(pairs) >= 14 and any(p.gap > 0 for p in pairs)
     assert report.arena("stored").nbytes < report.arena("stored", in_place=False).nbytes
     check_in_place(report, "stored")
-    monkeypatch.setattr(banded, "_gap", lambda x, y, scheme: 0)
+    monkeypatch.setattr(banded_report, "_gap", lambda x, y, scheme: 0)
     with pytest.raises(AssertionError, match="overwrites a live band"):
         check_in_place(report, "stored")
 
