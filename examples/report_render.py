@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from report_memory import memory_section
-from report_sections import banded_section, objective_section, shared_section
+from report_sections import banded_section, objective_section, shared_section, width_section
 
 PAPER_3BIT = {"fp32": 92.49, "direct": 52.85, "noisyquant": 71.22, "dqa": 82.13}
 TARGETS = {3: 89.5, 4: 92.0, 5: 92.4}
@@ -559,6 +559,10 @@ def render(results: dict[str, Any], png: Path) -> str:
         "### 7c. The banded runtime: `run_banded`",
         "",
         *banded_section(results.get("peak_banded")),
+        "",
+        "### 7d. The width of the residual stream and skips: `shared_values=\"uniform\"`",
+        "",
+        *width_section(results.get("shared_width"), results.get("peak_banded")),
         "",
     ]
     return "\n".join(parts)

@@ -269,3 +269,52 @@ def banded_section(data: dict[str, Any] | None) -> list[str]:
             " on all three networks, and the banded pass runs in Python, far from the 2x-of-FP32 time aim.",
         ]
     return lines
+
+
+def width_section(data: dict[str, Any] | None, banded: dict[str, Any] | None) -> list[str]:
+    """Section 7d: banded peak and score per width of the shared values (``examples/shared_width.py``)."""
+    if not data:
+        return ["_Run `OMP_NUM_THREADS=1 python examples/shared_width.py --out docs/results/shared_width.json`._"]
+    lines = [
+        "`DQAConfig(shared_values=\"uniform\", shared_bits=w)` stores the residual stream and the skips as `w`-bit",
+        "codes on the reading layer's clip range (no important channels; `int8` is `w = 8`), which the residual add,",
+        "the max-pool and the concatenation read and the layer re-quantizes to its own 3-bit DQA codes (below",
+        "`n + m = 6` bits that rounds them once more). The peak is `run_banded`'s arena for one test image (as",
+        f"section 7c), the score on the whole test set. Calibrated on {data['calib']} training images (CamVid: a",
+        "tenth), 3-bit DQA.",
+        "",
+        "```text",
+        data["text"],
+        "```",
+        "",
+        f"Command: `{data['command']}`; {data['machine']}.",
+        "",
+    ]
+    tol = {"top-1": 0.5, "mIoU": 1.0}
+    seventh = {n["key"]: n for n in (banded or {}).get("networks", [])}
+    names: list[set[str]] = []
+    for n in data["networks"]:
+        aim = AIMS.get(n["key"], (float("inf"),))[0]
+        held = tol[n["score_name"]]
+        settings = [(f"uniform {w} bits", v["peak_kib"], v["score"] - n["score_today"]) for w, v in n["widths"].items()]
+        if n["key"] in seventh:  # section 7c's codes and 8-bit residuals, against its own today
+            b = seventh[n["key"]]
+            settings += [
+                ("codes", b["dqa3"]["stored"], b["score_codes"] - b["score_fp32_shared"]),
+                ("int8", b["dqa3_int8"]["stored"], b["score_int8_shared"] - b["score_fp32_shared"]),
+            ]
+        ok = [(what, kib, delta) for what, kib, delta in settings if kib <= aim and delta >= -held]
+        names.append({what for what, _, _ in ok})
+        listed = ", ".join(f"{what} ({kib:,.1f} KiB, {delta:+.2f})" for what, kib, delta in ok)
+        lines.append(f"- {n['network']}: " + (f"meets the peak aim and the tolerance with {listed}." if ok else
+                                              "no setting meets both."))  # fmt: skip
+    common = set.intersection(*names) if names else set()
+    every = all(names)
+    lines += [
+        "",
+        ("Each demo network has a setting that meets" if every else "Not every demo network has a setting that meets")
+        + " issue 22's peak aim and its accuracy tolerance (this section and 7c); "
+        + (f"{', '.join(sorted(common))} meets them on all three." if common else
+           "no one setting meets them on all three, so the default stays `shared_values=\"fp32\"`."),
+    ]  # fmt: skip
+    return lines

@@ -211,7 +211,7 @@ def attach_quantizers(
         object.__setattr__(point.layer, _HANDLES_ATTR, handle)
         out[point.name] = quantizer
     if config.shared_values != "fp32":  # values read by a quantized layer and in full precision: coded once
-        attach_shared(model, out, config.shared_values)
+        attach_shared(model, out, config.shared_values, config.shared_bits)
     return out
 
 

@@ -40,7 +40,7 @@ ScaleMode = Literal["dynamic", "static", "learnable"]
 Code = Literal["signed", "unsigned", "auto"]
 Clipping = Literal["none", "percentile", "mse"]
 Where = Literal["input", "output"]
-SharedValues = Literal["fp32", "codes", "int8"]
+SharedValues = Literal["fp32", "codes", "int8", "uniform"]
 PeakRuntime = Literal["layer", "banded"]
 
 METHODS: tuple[str, ...] = get_args(Method)
@@ -129,9 +129,13 @@ class DQAConfig:
             reader (convolution, residual add, concatenation) reads the same values and the compressed runtime
             stores only that layer's blob (:mod:`lightning_dqa.core.shared`); ``int8`` stores it instead as 8-bit
             codes on the reading layer's calibrated clip range (a separate width for the residual stream), which
-            the residual add reads and the layer re-quantizes to its own codes. Both need ``where="input"``,
+            the residual add reads and the layer re-quantizes to its own codes; ``uniform`` does the same at
+            ``shared_bits`` bits. All but ``fp32`` need ``where="input"``,
             a static or learnable scale (re-quantizing must be exact), a method other than ``noisyquant``, and a
             ranking other than ``greedy`` (its fx replay does not run the producers' hooks).
+        shared_bits: the width of ``shared_values="uniform"`` codes, 2..8 (8, the default, is ``int8``): the
+            residual stream and skips on the reading layer's clip range at ``2**shared_bits`` levels, no important
+            channels. Narrower codes make a smaller peak; below ``bits + extra_bits`` the layer rounds them again.
 
     """
 
@@ -154,6 +158,7 @@ class DQAConfig:
     target_bits: float | None = None
     target_peak_bytes: float | None = None
     shared_values: SharedValues = "fp32"
+    shared_bits: int = 8
     peak_runtime: PeakRuntime = "layer"
 
     def __post_init__(self) -> None:
@@ -227,6 +232,12 @@ class DQAConfig:
         _choice("shared_values", self.shared_values, SHARED_VALUES)
         if self.shared_values != "fp32":
             self._check_shared()
+        _int_in("shared_bits", self.shared_bits, 2, 8)
+        if self.shared_bits != 8 and self.shared_values != "uniform":
+            raise ValueError(
+                f"Expected shared_bits=8 unless shared_values='uniform' (only uniform codes take another width), got "
+                f"shared_bits={self.shared_bits} with shared_values={self.shared_values!r}"
+            )
         _choice("peak_runtime", self.peak_runtime, PEAK_RUNTIMES)
         if self.peak_runtime == "banded" and self.scale_mode == "dynamic":
             raise ValueError(

@@ -10,8 +10,10 @@ fake-quantized values, so the convolution, the residual add and the concatenatio
 decodes it for every reader. With ``shared_values="int8"`` (a separate width for the residual stream) the hook
 gives 8-bit codes instead, on the reading layer's calibrated clip range (:func:`wide_quantize`: its scale times
 ``2**(n - 8)``, no important channels); the residual add reads those and the layer re-quantizes them to its own
-``n``/``n + m``-bit codes. Both are derived from the reading layer's quantizer, so nothing new is saved in a
-checkpoint or an artifact.
+``n``/``n + m``-bit codes. ``shared_values="uniform"`` does the same at ``DQAConfig.shared_bits`` bits (a grid of
+``2**w`` steps over the same range; below ``n + m`` bits the layer rounds the values once more). All are derived
+from the reading layer's quantizer (the width is a setting), so nothing new is saved in a checkpoint or an
+artifact.
 
 Finding the values needs a :mod:`torch.fx` trace (quantized layers kept whole, :class:`CallTracer`). A value
 qualifies when a quantized layer (``where="input"``) reads it as its input and another node reads it too. Its
@@ -69,6 +71,7 @@ __all__ = [
     "is_leading",
     "leading_quantize",
     "leading_quantizer",
+    "shared_bits",
     "shared_hook",
     "shared_mode",
     "shared_values_of",
@@ -84,8 +87,9 @@ the quantizer's state stays under its layer's name in the ``state_dict``)."""
 _VALUES_ATTR = "_dqa_shared_values"
 _MODE_ATTR = "_dqa_shared_mode"
 _LEADING_ATTR = "_dqa_shared_leading"
+_BITS_ATTR = "_dqa_shared_bits"
 SHARED_BITS = 8
-"""Code width of a shared value with ``shared_values="int8"``."""
+"""Code width of a shared value with ``shared_values="int8"`` (and the default ``shared_bits`` of ``"uniform"``)."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ def shared_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     q = module.__dict__.get(SHARED_ATTR)
     if q is None or not isinstance(output, Tensor) or isinstance(output, fx.Proxy):
         return None
-    wide = module.__dict__.get(_MODE_ATTR) == "int8"
+    wide = module.__dict__.get(_MODE_ATTR, "codes") != "codes"
     if module.__dict__.get(_LEADING_ATTR, False):
         return leading_quantize(q, output, wide)
     return wide_quantize(q, output) if wide else q(output)
@@ -254,7 +258,7 @@ def leading_quantize(q: ActivationQuantizer, x: Tensor, wide: bool = False) -> T
 
     The quantizer acts on each channel alone, so this is ``q`` applied to ``x`` padded with zero channels to
     ``q.num_channels``, then cut back: exact, differentiable, and it follows ``q``'s scales as they change
-    (calibration, learnable scales). ``wide``: the 8-bit codes of :func:`wide_quantize` instead.
+    (calibration, learnable scales). ``wide``: the uniform codes of :func:`wide_quantize` instead.
     """
     dim = q.channel_dim % x.ndim
     extra = q.num_channels - x.shape[dim]
@@ -297,36 +301,48 @@ def channel_quantizer(q: ActivationQuantizer, start: int, stop: int) -> Activati
     part.important.copy_(q.important[start:stop])
     part.error_counts.copy_(q.error_counts)
     part.calibrated.fill_(True)
+    if _BITS_ATTR in q.__dict__:
+        object.__setattr__(part, _BITS_ATTR, q.__dict__[_BITS_ATTR])
     return part.to(q.scale.device)
 
 
-def wide_scale(q: ActivationQuantizer, x: Tensor) -> Tensor:
-    """The ``(C,)`` scales of the 8-bit codes of a value ``q`` reads: ``q``'s clip range on a 256-level grid.
+def shared_bits(q: ActivationQuantizer) -> int:
+    """The width ``w`` of the uniform codes of the shared values ``q`` reads (8 unless ``shared_bits`` set it)."""
+    return int(q.__dict__.get(_BITS_ATTR, SHARED_BITS))
 
-    ``q``'s ``n``-bit scale times ``2**(n - 8)`` (exact: a power of two), so ``q``'s own ``n``-bit and
-    ``(n + m)``-bit grids (``n + m <= 8``) are subsets of it and its range is ``q``'s calibrated one.
+
+def wide_scale(q: ActivationQuantizer, x: Tensor) -> Tensor:
+    """The ``(C,)`` scales of the ``w``-bit codes of a value ``q`` reads: ``q``'s clip range on a ``2**w`` grid.
+
+    ``q``'s ``n``-bit scale times ``2**(n - w)`` (exact: a power of two), so its range is ``q``'s calibrated one
+    and, for ``w >= n + m`` (8 bits: always), ``q``'s own ``n``-bit and ``(n + m)``-bit grids are subsets of it:
+    the layer re-quantizes the values exactly as it would ``x``. A narrower ``w`` rounds them once more.
     """
-    return q.current_scale(x) * 2.0 ** (q.n - SHARED_BITS)
+    return q.current_scale(x) * 2.0 ** (q.n - shared_bits(q))
 
 
 def wide_quantize(q: ActivationQuantizer, x: Tensor) -> Tensor:
-    """``x`` fake-quantized to the 8-bit codes of ``shared_values="int8"`` (same shape); ``x`` when ``q`` is off."""
+    """``x`` fake-quantized to the uniform codes of ``shared_values="int8"|"uniform"`` (same shape).
+
+    ``x`` itself when ``q`` is off.
+    """
     if not q.enabled or q.passthrough:
         return x
-    lo, hi = F.quant_range(SHARED_BITS, q.is_signed)
+    lo, hi = F.quant_range(shared_bits(q), q.is_signed)
     scale = wide_scale(q, x)
     qmin, qmax = torch.full_like(scale, float(lo)), torch.full_like(scale, float(hi))
     return F.mixed_fake_quantize(x, scale, qmin, qmax, q.channel_dim, q.fp_mask)
 
 
 def wide_quantizer(q: ActivationQuantizer, x: Tensor) -> ActivationQuantizer:
-    """A transient 8-bit quantizer (no important channels) that codes ``x`` as :func:`wide_quantize` does.
+    """A transient ``w``-bit quantizer (no important channels) that codes ``x`` as :func:`wide_quantize` does.
 
     The compressed runtime writes a shared value's blob with it; nothing of it is saved.
     """
+    bits = shared_bits(q)
     wide = ActivationQuantizer(
-        q.num_channels, bits=SHARED_BITS, extra_bits=1, scale_mode="static", signed=q.is_signed,
-        channel_dim=q.channel_dim, name=f"{q.name} (8-bit shared)",
+        q.num_channels, bits=bits, extra_bits=1, scale_mode="static", signed=q.is_signed,
+        channel_dim=q.channel_dim, name=f"{q.name} ({bits}-bit shared)",
     )  # fmt: skip
     wide.set_static_scale(wide_scale(q, x))
     wide.calibrated.fill_(True)
@@ -334,15 +350,16 @@ def wide_quantizer(q: ActivationQuantizer, x: Tensor) -> ActivationQuantizer:
 
 
 def attach_shared(
-    model: nn.Module, quantizers: Mapping[str, ActivationQuantizer], mode: str = "codes"
+    model: nn.Module, quantizers: Mapping[str, ActivationQuantizer], mode: str = "codes", bits: int = SHARED_BITS
 ) -> list[SharedValue]:
     """Code every shared value of ``model`` at its producer; see the module docstring.
 
     Args:
         model: the model, quantizers just installed (as ``dqa_quantizer`` submodules, by layer name).
         quantizers: the installed quantizers by layer name.
-        mode: ``codes`` (the reading layer's codes) or ``int8`` (8-bit codes on its clip range,
-            :func:`wide_quantize`; the reading layer re-quantizes them).
+        mode: ``codes`` (the reading layer's codes), ``int8`` (8-bit codes on its clip range,
+            :func:`wide_quantize`; the reading layer re-quantizes them) or ``uniform`` (``bits``-bit ones).
+        bits: the width of ``uniform`` codes (8 for ``int8``).
 
     Returns:
         The shared values found, coded ones and those left in full precision (``producer is None``); a
@@ -370,6 +387,7 @@ def attach_shared(
         producer = root.get_submodule(v.producer)
         object.__setattr__(producer, SHARED_ATTR, quantizers[prefix + v.layer])
         object.__setattr__(producer, _MODE_ATTR, mode)
+        object.__setattr__(quantizers[prefix + v.layer], _BITS_ATTR, SHARED_BITS if mode == "int8" else bits)
         object.__setattr__(producer, _LEADING_ATTR, v.leading)
         producer.register_forward_hook(shared_hook)
     values = [SharedValue(v.value, prefix + v.layer, v.readers, v.producer and prefix + v.producer, v.reason,
@@ -392,7 +410,7 @@ def _prefix(model: nn.Module, root: nn.Module) -> str:
 
 
 def shared_mode(producer: nn.Module) -> str:
-    """``codes`` or ``int8``: how :func:`attach_shared` codes the value ``producer`` returns."""
+    """``codes``, ``int8`` or ``uniform``: how :func:`attach_shared` codes the value ``producer`` returns."""
     return str(producer.__dict__.get(_MODE_ATTR, "codes"))
 
 

@@ -322,7 +322,7 @@ def _shared_plan(
     """The shared values coded at their producer and, described, those kept in full precision.
 
     Returns:
-        ``(node -> (reading layer, "codes" or "int8", leading channels only), descriptions of the values kept
+        ``(node -> (reading layer, "codes", "int8" or "uniform", leading channels only), descriptions of the values kept
         in float32)``.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -434,7 +434,7 @@ class _Runner:
         own = mode == "codes" and not leading
         if leading:  # the leading channels of the layer's input (a concatenated skip)
             q = leading_quantizer(q, value.shape[q.channel_dim])
-        if mode == "int8":  # the 8-bit blob is no layer's: recorded here (the layer's re-quantization is too)
+        if mode != "codes":  # the uniform blob is no layer's: recorded here (the layer's re-quantization is too)
             q = wide_quantizer(q, value)
         blob = quantizer_to_bytes(q, value, coder=self.codec.coder)
         decoded = decode(q, blob)

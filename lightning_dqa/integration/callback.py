@@ -76,8 +76,8 @@ class DQACallback(Callback):
         running the first calibration sample compressed; logged as ``dqa/target_peak_bytes`` and
         ``dqa/calibration_peak_bytes``), shared_values (``codes``: a value a quantized layer and a residual add
         or concatenation both read is quantized once where it is produced and every reader reads those values;
-        ``int8``: stored as 8-bit codes, re-quantized by the layer; ``fp32``, the default, keeps it in float32;
-        :mod:`lightning_dqa.core.shared`).
+        ``int8``: stored as 8-bit codes, re-quantized by the layer; ``uniform``: the same at ``shared_bits`` bits;
+        ``fp32``, the default, keeps it in float32; :mod:`lightning_dqa.core.shared`), shared_bits.
 
     Lifecycle settings:
         calibration_samples: samples (not batches) read for calibration, split over ranks.
@@ -149,7 +149,8 @@ class DQACallback(Callback):
         seed: int = 0,
         target_bits: float | None = None,
         target_peak_bytes: float | None = None,
-        shared_values: Literal["fp32", "codes", "int8"] = "fp32",
+        shared_values: Literal["fp32", "codes", "int8", "uniform"] = "fp32",
+        shared_bits: int = 8,
         calibration_samples: int = 1000,
         calibration_source: Literal["train", "val"] = "train",
         delay_steps: int = 0,

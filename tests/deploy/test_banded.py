@@ -69,13 +69,17 @@ def dyadic(model: nn.Module, g: torch.Generator) -> nn.Module:
     return model
 
 
-def calibrated(name: str, shared_values: str = "codes", batch: int = 1) -> tuple[nn.Module, Tensor]:
+def calibrated(
+    name: str, shared_values: str = "codes", batch: int = 1, shared_bits: int = 8
+) -> tuple[nn.Module, Tensor]:
     """A calibrated dyadic copy of a network and an input of dyadic values."""
     build, shape = NETWORKS[name]
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = dyadic(build(), g).eval()
-    config = DQAConfig(bits=3, ranking="energy", shared_values=shared_values, layer_types=LAYERS)
+    config = DQAConfig(
+        bits=3, ranking="energy", shared_values=shared_values, shared_bits=shared_bits, layer_types=LAYERS
+    )
     prepare(model, config)
     images = torch.randint(-8, 9, (2, *shape), generator=g) / 8
     calibrate(model, config, [images], forward_fn=lambda m, b: m(b))
@@ -349,3 +353,16 @@ def test_a_channel_slice_quantizer_codes_its_channels_as_the_layer_does() -> Non
     part = channel_quantizer(q, 2, 6)
     assert torch.equal(part.quantize_values(x[:, 2:6]), q.quantize_values(x)[:, 2:6])
     assert torch.equal(decode(part, quantizer_to_bytes(part, x[:, 2:6])), q.quantize_values(x)[:, 2:6])
+
+
+@pytest.mark.parametrize("name", ["resnet32", "unet"])
+def test_uniform_shared_values_run_banded_bit_for_bit(name: str) -> None:
+    """``shared_values="uniform", shared_bits=4``: shortcuts and skips as 4-bit blobs, the output unchanged."""
+    model, x = calibrated(name, shared_values="uniform", shared_bits=4)
+    with torch.no_grad():
+        reference = model(x) + 0.0
+    out, report = run_banded(model, x)
+    assert torch.equal(out + 0.0, reference)
+    wide = [b for s in report.stored for b in s.blobs.values() if b.q.name.endswith("(4-bit shared)")]
+    assert wide and all(b.q.n == 4 for b in wide)
+    check_report(report)

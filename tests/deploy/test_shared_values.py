@@ -45,7 +45,8 @@ def compressed(name: str, mode: str) -> tuple[nn.Module, Tensor, Tensor, Compres
     build, shape = NETWORKS[name]
     torch.manual_seed(0)
     model = build().eval()
-    config = DQAConfig(bits=3, ranking="energy", shared_values=mode)
+    width = {"shared_values": "uniform", "shared_bits": int(mode[7:])} if mode.startswith("uniform") else {}
+    config = DQAConfig(bits=3, ranking="energy", **{"shared_values": mode, **width})
     prepare(model, config)
     g = torch.Generator().manual_seed(0)
     calibrate(model, config, [torch.randn(*shape, generator=g)], forward_fn=lambda m, b: m(b))
@@ -54,7 +55,7 @@ def compressed(name: str, mode: str) -> tuple[nn.Module, Tensor, Tensor, Compres
     return model, x, out, report
 
 
-@pytest.mark.parametrize("mode", ["codes", "int8"])
+@pytest.mark.parametrize("mode", ["codes", "int8", "uniform4"])
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_compressed_equals_fake_quantized_and_stores_no_float_copy(name: str, mode: str) -> None:
     model, x, out, report = compressed(name, mode)
@@ -71,7 +72,7 @@ def test_compressed_equals_fake_quantized_and_stores_no_float_copy(name: str, mo
     assert report.fp_shared == []  # every shared value of the demo networks has a producer module
 
 
-@pytest.mark.parametrize("mode", ["codes", "int8"])
+@pytest.mark.parametrize("mode", ["codes", "int8", "uniform4"])
 @pytest.mark.parametrize("name", ["resnet32", "mobilenetv2"])
 def test_codes_make_a_smaller_arena(name: str, mode: str) -> None:
     *_, before = compressed(name, "fp32")
@@ -89,6 +90,32 @@ def test_int8_stores_eight_bit_blobs_the_layer_requantizes() -> None:
     assert all(8 * b.nbytes >= 8 * b.numel for b in wide.values())  # at least a byte per value
     narrow = [b for b in report.blobs if b.value in wide and not b.layer.endswith("(8-bit shared)")]
     assert {b.value for b in narrow} == set(wide) and not any(b.stored for b in narrow)  # made on the fly
+
+
+@pytest.mark.parametrize("bits", [3, 5])
+def test_uniform_codes_are_narrower_blobs_than_int8(bits: int) -> None:
+    """``shared_values="uniform"``: each shared value is a ``shared_bits``-bit blob, smaller than the 8-bit one."""
+    sizes = {}
+    for mode, tag in (("int8", "(8-bit shared)"), (f"uniform{bits}", f"({bits}-bit shared)")):
+        *_, report = compressed("resnet32", mode)
+        wide = {b.value: b.nbytes for b in report.blobs if b.layer.endswith(tag)}
+        assert sorted(wide) == sorted(report.coded)
+        sizes[mode] = sum(wide.values())
+    assert sizes[f"uniform{bits}"] < sizes["int8"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"shared_values": "int8", "shared_bits": 5}, "Expected shared_bits=8 unless shared_values='uniform'"),
+        ({"shared_values": "codes", "shared_bits": 4}, "got shared_bits=4 with shared_values='codes'"),
+        ({"shared_values": "uniform", "shared_bits": 1}, r"shared_bits to be an int in \[2, 8\], got 1"),
+        ({"shared_values": "uniform", "shared_bits": 4.0}, r"shared_bits to be an int in \[2, 8\], got 4.0"),
+    ],
+)
+def test_bad_shared_bits_are_refused(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DQAConfig(**changes)
 
 
 def test_unet_skips_are_coded_as_the_leading_channels_of_the_concatenation() -> None:
@@ -208,7 +235,7 @@ def test_settings_it_cannot_honour_are_refused(changes: dict, message: str) -> N
 
 
 def test_unknown_value_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"Expected shared_values to be one of \[.*'int8'\], got 'int4'"):
+    with pytest.raises(ValueError, match=r"Expected shared_values to be one of \[.*'uniform'\], got 'int4'"):
         DQAConfig(shared_values="int4")  # type: ignore[arg-type]
 
 

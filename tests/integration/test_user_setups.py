@@ -294,6 +294,37 @@ def test_target_peak_bytes_limits_the_banded_peak_through_the_trainer():
         trainer(callbacks=[DQACallback(target_peak_bytes=100, **kwargs)]).validate(BareNet(), dataloaders=loader())
 
 
+class _Residual(torch.nn.Module):
+    """stem -> ReLU (a shared value: read by conv1 and by the residual add) -> block -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.conv1, self.conv2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.stem(x))
+        return self.head(self.relu2(self.conv2(torch.relu(self.conv1(h))) + h))
+
+
+def test_shared_bits_narrow_the_banded_shortcut_through_the_trainer():
+    """``shared_values="uniform", shared_bits=4`` from the callback: the shortcut is a 4-bit blob, so the banded
+    peak it logs is below the 8-bit one."""
+    stored = {}
+    for values, bits in (("int8", 8), ("uniform", 4)):
+        model = BareNet()
+        model.net = _Residual()
+        cb = DQACallback(bits=3, calibration_samples=64, calibration_source="val", shared_values=values,
+                         shared_bits=bits, peak_runtime="banded", verbose=False)  # fmt: skip
+        t = trainer(callbacks=[cb])
+        t.validate(model, dataloaders=loader())
+        assert cb.config.shared_bits == bits
+        stored[values] = float(t.callback_metrics["dqa/banded_stored_kib_per_image"])
+    assert stored["uniform"] < stored["int8"]
+
+
 def test_peak_runtime_is_checked():
     with pytest.raises(ValueError, match=r"peak_runtime to be one of \['layer', 'banded'\], got 'bands'"):
         DQACallback(bits=3, peak_runtime="bands")  # type: ignore[arg-type]
