@@ -268,3 +268,22 @@ def test_budget_and_peak_limit_run_with_coded_shared_values(coded: str) -> None:
     assert report.stored.nbytes <= peaks["fp32"] - 1
     with torch.no_grad():
         assert torch.equal(out + 0.0, model(x[:1]) + 0.0)
+
+
+def test_an_artifact_restores_the_shared_width(tmp_path) -> None:
+    """``shared_bits`` is a setting, saved with the config: a model restored from the artifact codes its
+    shortcuts at the same width and computes the same output."""
+    from lightning_dqa import apply_artifact, export_artifact
+    from lightning_dqa.core.shared import shared_bits
+
+    model, x, _, _ = compressed("resnet32", "uniform4")
+    config = DQAConfig(bits=3, ranking="energy", shared_values="uniform", shared_bits=4)
+    export_artifact(model, tmp_path / "dqa.json", config)
+    torch.manual_seed(1)
+    fresh = NETWORKS["resnet32"][0]().eval()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "dqa_quantizer" not in k}, strict=False)
+    apply_artifact(fresh, tmp_path / "dqa.json")
+    readers = {v.layer for v in shared_values_of(fresh) if v.producer is not None}
+    assert readers and all(shared_bits(quantizers_of(fresh)[name]) == 4 for name in readers)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
