@@ -232,7 +232,7 @@ class DQAConfig:
         _choice("shared_values", self.shared_values, SHARED_VALUES)
         if self.shared_values != "fp32":
             self._check_shared()
-        _int_in("shared_bits", self.shared_bits, 2, 8)
+        _int_in("shared_bits", self.shared_bits, MIN_BITS, MAX_BITS)
         if self.shared_bits != 8 and self.shared_values != "uniform":
             raise ValueError(
                 f"Expected shared_bits=8 unless shared_values='uniform' (only uniform codes take another width), got "

@@ -32,8 +32,9 @@ again):
 4. **The peak is an arena.** Every stored value is a buffer live from the step (region or whole node) that writes
    it to the last step that reads it; each step also holds its scratch, the most bytes of band tensors (decoded
    rows, intermediate rows, the output rows) live at once while it runs, measured on the tensors themselves. The
-   buffers are placed greedy by size (:mod:`.arena`); :attr:`BandedReport.peak` is the arena's size, with the
-   model input and the final output listed apart (:attr:`BandedReport.input_bytes`, ``output_bytes``).
+   buffers are placed by :func:`~.arena.plan_arena` (``order="best"``); :attr:`BandedReport.peak` is the arena's
+   size, with the model input and the final output listed apart (:attr:`BandedReport.input_bytes`,
+   ``output_bytes``).
 5. **In place.** A step that reads a stored value for the last time frees its bands as it goes, and writes its
    output into them (:meth:`BandedReport.in_place`: a residual block's output over its input, a few bands
    below it). Chains of such values share one ring buffer, so a stage of blocks holds about one value, not two.
@@ -215,25 +216,25 @@ class _SplitBand:
     start: int
     new_start: int
     chunks: list[tuple[ActivationQuantizer, tuple[int, int]]]
+    _decoded: dict[int, Tensor] = field(default_factory=dict, repr=False)  # per chunk: decoded once per band
 
     @property
     def nbytes(self) -> int:
         return (self.held.nbytes if self.held is not None else 0) + (_nbytes(self.new) if self.new is not None else 0)
 
-    @property
-    def t(self) -> Tensor:  # only its shape is read (rows): the new rows' shape with every row
-        raise TypeError("a split band is read chunk by chunk")
-
     def chunk(self, c: int, lo: int, hi: int) -> tuple[Tensor, int]:
         """Rows ``lo`` to ``hi`` of chunk ``c``'s channels: held rows decoded, new rows as they are.
 
-        Returns the rows and the bytes decoded for them (scratch while the chunk runs).
+        Returns the rows and the bytes decoded for them (scratch while the chunk runs; the depthwise convolution
+        and the line buffer kept after it both read them, decoded once here as a speed-up of the simulation).
         """
         chunk = self.chunks[c][1]
         parts, decoded = [], 0
         if self.held is not None and lo < self.new_start:
             held = self.held.parts[c]
-            rows = decode(held.q, held.blob)
+            if c not in self._decoded:
+                self._decoded[c] = decode(held.q, held.blob)
+            rows = self._decoded[c]
             decoded = _nbytes(rows)
             parts.append(rows[:, :, lo - held.start : min(hi, self.new_start) - held.start])
         if self.new is not None and hi > self.new_start:
