@@ -12,8 +12,9 @@ Micro plans it; :mod:`lightning_dqa.deploy.arena`) from :func:`lightning_dqa.run
 
 once with every buffer and once with the model input and the final output listed apart (their buffers left
 out of the arena; MCUNetV2 does not count the input). Also the most KiB live at one step for DQA 3 (the arena's
-lower bound), where its peak sits, and the compressed pass against the FP32 forward at batch 1, timed
-interleaved in one run (median of ``--repeats``). Each compressed output is checked bit for bit against the
+lower bound), where its peak sits, and the compressed pass against the FP32 forward and the fake-quantized
+forward at batch 1 and 8, timed interleaved in one run (median of ``--repeats``): ``run_compressed`` (traced at
+every call) and a ``CompressedRunner`` made beforehand. Each compressed output is checked bit for bit against the
 fake-quantized forward.
 
 Networks: the demo ResNet-32 (pretrained weights from ``../shared`` when present), MobileNetV2 w0.5 and U-Net
@@ -35,6 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ from lightning_dqa import DQAConfig
 from lightning_dqa.demos.data import CamVidDataModule
 from lightning_dqa.demos.models import build_model, load_pretrained
 from lightning_dqa.deploy.arena import Buffer, plan_arena
-from lightning_dqa.deploy.compressed import CompressedReport, run_compressed
+from lightning_dqa.deploy.compressed import CompressedReport, CompressedRunner, run_compressed
 from lightning_dqa.deploy.liveness import Peak
 
 KIB = 1024.0
@@ -153,15 +155,35 @@ def network_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
             row["dqa3_peak_step"] = report.stored.step
             row["dqa3_peak_live"] = [[what, size / KIB] for what, size in report.stored.live[:4]]
             row["dqa3_bits_per_value"] = report.bits_per_value
-    fp32_model, dqa = copy.deepcopy(base).eval(), models["dqa"]
-    fp32_ms: list[float] = []
-    comp_ms: list[float] = []
-    with torch.no_grad():
-        for _ in range(args.repeats):  # interleaved, so both see the same machine
-            fp32_ms += timed(lambda: fp32_model(x), 1)
-            comp_ms += timed(lambda: run_compressed(dqa, x), 1)
-    row["fp32_ms"], row["compressed_ms"] = statistics.median(fp32_ms), statistics.median(comp_ms)
+    row["ms"] = timings(copy.deepcopy(base).eval(), models["dqa"], x, args.repeats)
     return row
+
+
+TIMED = (("fp32", "FP32"), ("fake", "fake-quant"), ("once", "run_compressed"), ("runner", "CompressedRunner"))
+BATCHES = (1, 8)
+
+
+def timings(fp32_model: nn.Module, dqa: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms of each pass of :data:`TIMED` at each batch of :data:`BATCHES` (``x`` repeated), interleaved.
+
+    ``fake``: the fake-quantized forward; ``once``: :func:`run_compressed`, which traces the model at every call;
+    ``runner``: a :class:`CompressedRunner` made beforehand (traced once, as a device plans its schedule ahead).
+    """
+    runner = CompressedRunner(dqa)
+    out: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for batch in BATCHES:
+            xb = x.expand(batch, *x.shape[1:]).contiguous()
+            passes = {"fp32": partial(fp32_model, xb), "fake": partial(dqa, xb)}
+            passes.update(once=partial(run_compressed, dqa, xb), runner=partial(runner, xb))
+            for fn in passes.values():  # warm-up: first-call allocations and caches
+                fn()
+            ms: dict[str, list[float]] = {k: [] for k in passes}
+            for _ in range(repeats):  # interleaved, so every pass sees the same machine
+                for k, fn in passes.items():
+                    ms[k] += timed(fn, 1)
+            out[str(batch)] = {k: statistics.median(v) for k, v in ms.items()}
+    return out
 
 
 COLUMNS = (("fp32", "FP32"), ("int8", "all-int8"), ("direct3", "direct 3"), ("dqa3", "DQA 3"))
@@ -183,12 +205,14 @@ def format_tables(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = "".join(f"{r[k]['apart']:>10.1f}" for k, _ in COLUMNS)
         lines.append(f"{r['network']:<{w}}{r['input_kib']:>8.1f}{r['output_kib']:>8.2f}{cells}")
-    head = f"{'network':<{w}}{'FP32 forward ms':>16}{'compressed ms':>15}{'ratio':>8}"
-    lines += ["", "Batch 1, one thread: the compressed pass (DQA 3) against the FP32 forward, median", head]
-    lines.append("-" * len(head))
-    for r in rows:
-        ratio = r["compressed_ms"] / r["fp32_ms"]
-        lines.append(f"{r['network']:<{w}}{r['fp32_ms']:>16.2f}{r['compressed_ms']:>15.2f}{ratio:>7.1f}x")
+    for batch in BATCHES:
+        head = f"{'network':<{w}}" + "".join(f"{c:>17}" for _, c in TIMED) + f"{'runner/FP32':>12}"
+        title = f"Batch {batch}, one thread: ms per pass (DQA 3), median of interleaved repeats"
+        lines += ["", title, head, "-" * len(head)]
+        for r in rows:
+            t = r["ms"][str(batch)]
+            cells = "".join(f"{t[k]:>17.2f}" for k, _ in TIMED)
+            lines.append(f"{r['network']:<{w}}{cells}{t['runner'] / t['fp32']:>11.1f}x")
     lines += [""]
     for r in rows:
         live = ", ".join(f"{what} {kib:.1f}" for what, kib in r["dqa3_peak_live"])

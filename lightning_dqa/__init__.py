@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from lightning_dqa.deploy.artifact import apply_artifact, export_artifact, load_artifact
     from lightning_dqa.deploy.banded import BandedReport, run_banded
     from lightning_dqa.deploy.checkpoint import load_quantized
-    from lightning_dqa.deploy.compressed import CompressedReport, run_compressed
+    from lightning_dqa.deploy.compressed import CompressedReport, CompressedRunner, run_compressed
     from lightning_dqa.deploy.onnx.export import export_onnx
     from lightning_dqa.deploy.onnx.verify import verify_onnx
     from lightning_dqa.integration.callback import DQACallback
@@ -42,6 +42,7 @@ _PUBLIC: dict[str, str] = {
     "run_banded": "lightning_dqa.deploy.banded",
     "BandedReport": "lightning_dqa.deploy.banded",
     "CompressedReport": "lightning_dqa.deploy.compressed",
+    "CompressedRunner": "lightning_dqa.deploy.compressed",
     "export_artifact": "lightning_dqa.deploy.artifact",
     "apply_artifact": "lightning_dqa.deploy.artifact",
     "load_artifact": "lightning_dqa.deploy.artifact",
@@ -55,6 +56,7 @@ __all__ = [
     "BandedReport",
     "CalibrationReport",
     "CompressedReport",
+    "CompressedRunner",
     "DQACallback",
     "DQAConfig",
     "apply_artifact",

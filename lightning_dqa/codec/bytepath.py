@@ -38,7 +38,7 @@ from lightning_dqa.codec.huffman import EncodedStream, encode
 from lightning_dqa.codec.native import native_library
 from lightning_dqa.core import functional as F
 
-__all__ = ["CodedActivation", "decode_values", "encode_values"]
+__all__ = ["ChannelTables", "CodedActivation", "channel_tables", "decode_values", "encode_values"]
 
 _MIN_PARALLEL = 1 << 18  # values below which starting threads costs more than it saves
 _MAX_NATIVE_BITS = 24  # n + m: codes stay exact in float32 and fit the kernels' 32-bit bit writer
@@ -61,6 +61,42 @@ class CodedActivation:
     error: np.ndarray
     offsets: np.ndarray
     error_bits: int
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelTables:
+    """A layer's per-channel tables as the kernels read them: ``(C,)`` contiguous CPU tensors.
+
+    A layer with frozen scales makes them once (:func:`channel_tables`) and hands them to every
+    :func:`encode_values` and :func:`decode_values` call, which otherwise derive them from ``scale_n`` and
+    ``important`` at each call (a batch-1 pass codes many small tensors, so that per-call work counts).
+
+    Attributes:
+        scale: float32 ``n``-bit scales.
+        scale_hi: ``scale / 2**m``, the important channels' step.
+        inv_n: ``1 / scale`` (what :func:`functional.quantize` multiplies by).
+        inv_hi: ``1 / scale_hi``.
+        important: uint8 mask of the important channels.
+        num_important: how many channels are important.
+
+    """
+
+    scale: Tensor
+    scale_hi: Tensor
+    inv_n: Tensor
+    inv_hi: Tensor
+    important: Tensor
+    num_important: int
+
+
+def channel_tables(scale_n: Tensor, important: Tensor, extra_bits: int) -> ChannelTables:
+    """The :class:`ChannelTables` of ``(C,)`` ``n``-bit scales and a ``(C,)`` bool mask, on the CPU."""
+    scale = scale_n.detach().cpu().contiguous()
+    scale_hi = (scale / 2**extra_bits).contiguous()  # as `functional.dqa_dequantize` divides it
+    imp = important.detach().cpu().to(torch.uint8).contiguous()
+    return ChannelTables(
+        scale, scale_hi, (1.0 / scale).contiguous(), (1.0 / scale_hi).contiguous(), imp, int(imp.sum())
+    )
 
 
 def _ptr(a: np.ndarray | Tensor) -> int:
@@ -109,6 +145,7 @@ def encode_values(
     channel_dim: int,
     codebook: HuffmanCodebook | None,
     chunk_size: int,
+    tables: ChannelTables | None = None,
 ) -> CodedActivation:
     """DQA codes of ``x`` as coded sections, in one pass: main codes packed, errors Huffman-coded (or raw).
 
@@ -122,6 +159,7 @@ def encode_values(
         channel_dim: the channel axis of ``x``.
         codebook: the errors' Huffman code book, or ``None`` for raw error symbols (another coder codes them).
         chunk_size: symbols per Huffman decoder chunk.
+        tables: ``channel_tables(scale_n, important, extra_bits)`` made beforehand, or ``None`` to make them.
 
     Returns:
         The :class:`CodedActivation`, byte for byte what the numpy path gives.
@@ -135,14 +173,14 @@ def encode_values(
         return _encode_reference(x, scale_n, important, bits, extra_bits, signed, channel_dim, codebook, chunk_size)
     x = x.detach().contiguous() if x.device.type == "cpu" else _to_host(x)
     outer, channels, inner = _layout(tuple(x.shape), channel_dim)
-    imp = important.detach().cpu().to(torch.uint8).contiguous()
-    inv_n = (1.0 / scale_n.detach().cpu()).contiguous()  # the reciprocals `functional.quantize` multiplies by
-    inv_hi = (1.0 / (scale_n.detach().cpu() / 2**extra_bits)).contiguous()
-    main, error, offsets, codes, lens = _buffers(x.numel(), bits, outer * int(imp.sum()) * inner, codebook, chunk_size)
+    t = channel_tables(scale_n, important, extra_bits) if tables is None else tables
+    n_err = outer * t.num_important * inner
+    main, error, offsets = _buffers(x.numel(), bits, n_err, codebook, chunk_size)
     err_bits = ctypes.c_int64(0)
     status = lib.dqa_encode(
-        _ptr(x), outer, channels, inner, _ptr(inv_n), _ptr(inv_hi), _ptr(imp), bits, extra_bits, int(signed),
-        None if codes is None else _ptr(codes), None if lens is None else _ptr(lens), chunk_size, _ptr(main),
+        _ptr(x), outer, channels, inner, _ptr(t.inv_n), _ptr(t.inv_hi), _ptr(t.important), bits, extra_bits,
+        int(signed),
+        *((None, None) if codebook is None else codebook._kernel_ptrs[:2]), chunk_size, _ptr(main),
         _ptr(error), _ptr(offsets), ctypes.addressof(err_bits), _threads(x.numel()),
     )  # fmt: skip
     if status != 0:
@@ -157,14 +195,14 @@ def encode_values(
 
 def _buffers(
     numel: int, bits: int, n_err: int, codebook: HuffmanCodebook | None, chunk_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Output buffers of the encoder (main, error, offsets) and the code tables (``None`` for raw symbols)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Output buffers of the encoder: main, error, offsets."""
     main = np.empty(packed_size(numel, bits), dtype=np.uint8)
     if codebook is None:
-        return main, np.empty(n_err, np.uint8), np.zeros(0, np.int64), None, None
+        return main, np.empty(n_err, np.uint8), np.zeros(0, np.int64)
     error = np.empty(-(-n_err * codebook.max_len // 8) + 8, dtype=np.uint8)  # the longest codes, and slack
     offsets = np.empty(-(-n_err // chunk_size), dtype=np.int64)
-    return main, error, offsets, codebook.codes.astype(np.uint32), codebook._lengths_u8
+    return main, error, offsets
 
 
 def _encode_reference(
@@ -201,6 +239,7 @@ def decode_values(
     codebook: HuffmanCodebook | None,
     chunk_size: int,
     device: torch.device | str | None = None,
+    tables: ChannelTables | None = None,
 ) -> Tensor:
     """Values back from coded sections in one pass: ``scale_n * q`` or ``scale_n / 2**m * ((q << m) | e)``.
 
@@ -216,6 +255,7 @@ def decode_values(
         codebook: the errors' code book, or ``None`` for raw symbols.
         chunk_size: symbols per Huffman chunk.
         device: where the values go (decoded on the CPU, then copied there once); ``None``: the CPU.
+        tables: ``channel_tables(scale_n, important, extra_bits)`` made beforehand, or ``None`` to make them.
 
     Returns:
         float32 tensor of ``shape`` on ``device``, equal to :func:`functional.dqa_dequantize` of the codes.
@@ -234,19 +274,17 @@ def decode_values(
         raise ValueError(f"Payload truncated or too long: {coded.main.shape[0]} bytes of main codes for {shape}")
     _check_padding(coded.main, math.prod(shape) * bits)
     outer, channels, inner = _layout(shape, channel_dim)
-    scale = scale_n.detach().cpu().contiguous()
-    scale_hi = (scale / 2**extra_bits).contiguous()  # as `functional.dqa_dequantize` divides it
-    imp = important.detach().cpu().to(torch.uint8).contiguous()
+    t = channel_tables(scale_n, important, extra_bits) if tables is None else tables
     out = torch.empty(shape, dtype=torch.float32)
     err = np.ascontiguousarray(coded.error)
-    tables: tuple[int | None, int | None, int] = (None, None, 0)
+    books: tuple[int | None, int | None, int] = (None, None, 0)
     if codebook is not None:
         _check_padding(err, coded.error_bits)
-        tables = (_ptr(codebook._decode_tables[0]), _ptr(codebook._decode_tables[1]), codebook.max_len)
+        books = (*codebook._kernel_ptrs[2:], codebook.max_len)
     status = lib.dqa_decode(
         _ptr(coded.main), coded.main.shape[0], _ptr(err), err.shape[0], coded.error_bits, _ptr(coded.offsets),
-        chunk_size, *tables, outer, channels, inner, _ptr(scale), _ptr(scale_hi), _ptr(imp), bits, extra_bits,
-        int(signed), _ptr(out), _threads(out.numel()),
+        chunk_size, *books, outer, channels, inner, _ptr(t.scale), _ptr(t.scale_hi), _ptr(t.important), bits,
+        extra_bits, int(signed), _ptr(out), _threads(out.numel()),
     )  # fmt: skip
     if status:
         raise ValueError(f"Corrupted stream: {_DECODE_ERRORS[status]}")

@@ -329,6 +329,18 @@ class HuffmanCodebook:
     def _lengths_u8(self) -> np.ndarray:
         return self.lengths.astype(np.uint8)
 
+    @cached_property
+    def _codes_u32(self) -> np.ndarray:
+        return self.codes.astype(np.uint32)
+
+    @cached_property
+    def _kernel_ptrs(self) -> tuple[int, int, int, int]:
+        """Addresses of the encoder's (codes, lengths) and the decoder's (symbol, length) tables, found once."""
+        return (
+            self._codes_u32.ctypes.data, self._lengths_u8.ctypes.data,
+            self._decode_tables[0].ctypes.data, self._decode_tables[1].ctypes.data,
+        )  # fmt: skip
+
     def _grouped(self, chunk_size: int) -> tuple[int, np.ndarray, np.ndarray]:
         """Group tables of :func:`_group_tables`, cached per group size on this instance."""
         key = _group_size(self, chunk_size)

@@ -304,20 +304,22 @@ def _read_fixed(buf: bytes) -> tuple[tuple, tuple[int, ...]]:
     if len(buf) < _FIXED.size + 8 * ndim + _CRC.size:
         raise ValueError(f"Blob truncated: {len(buf)} bytes cannot hold a {ndim}-dimensional shape")
     shape = tuple(int(d) for d in np.frombuffer(buf, "<u8", ndim, _FIXED.size))
-    problems = [
-        (flags & ~(_SIGNED | _HAS_SCALE), f"unknown flags {flags:#x}"),
-        (not MIN_PACK_BITS <= bits <= MAX_PACK_BITS, f"bits {bits} outside [{MIN_PACK_BITS}, {MAX_PACK_BITS}]"),
-        (m > _MAX_EXTRA_BITS, f"extra_bits {m} above {_MAX_EXTRA_BITS}"),
-        (not 0 <= cd < ndim, f"channel axis {cd} of a {ndim}-dimensional shape"),
+    problems = (  # message templates, formatted only for the check that fails
+        (flags & ~(_SIGNED | _HAS_SCALE), "unknown flags {flags:#x}"),
+        (not MIN_PACK_BITS <= bits <= MAX_PACK_BITS, "bits {bits} outside [{lo}, {hi}]"),
+        (m > _MAX_EXTRA_BITS, "extra_bits {m} above {max_m}"),
+        (not 0 <= cd < ndim, "channel axis {cd} of a {ndim}-dimensional shape"),
         (chunk_size < 1, "chunk size 0"),
-        (coder not in _CODER_NAMES, f"unknown entropy coder id {coder}"),
-        (coder == 0 and error_bytes != (error_bits + 7) // 8, f"{error_bits} Huffman bits in {error_bytes} bytes"),
-        (error_bits > 8 * error_bytes, f"{error_bits} error bits in {error_bytes} bytes"),
-        (any(d >= 2**63 for d in shape), f"shape {shape} has a dimension of 2**63 or more"),
-    ]
+        (coder not in _CODER_NAMES, "unknown entropy coder id {coder}"),
+        (coder == 0 and error_bytes != (error_bits + 7) // 8, "{error_bits} Huffman bits in {error_bytes} bytes"),
+        (error_bits > 8 * error_bytes, "{error_bits} error bits in {error_bytes} bytes"),
+        (any(d >= 2**63 for d in shape), "shape {shape} has a dimension of 2**63 or more"),
+    )
     for bad, what in problems:
         if bad:
-            raise ValueError(f"Corrupted blob: {what}")
+            names = dict(flags=flags, bits=bits, lo=MIN_PACK_BITS, hi=MAX_PACK_BITS, m=m, max_m=_MAX_EXTRA_BITS)
+            names.update(cd=cd, ndim=ndim, coder=coder, error_bits=error_bits, error_bytes=error_bytes, shape=shape)
+            raise ValueError("Corrupted blob: " + what.format(**names))
     if k > shape[cd]:
         raise ValueError(f"Corrupted blob: {k} important channels of {shape[cd]}")
     numel = math.prod(shape)

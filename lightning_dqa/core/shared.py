@@ -431,12 +431,16 @@ def detach_shared(model: nn.Module) -> None:
 
 
 @contextmanager
-def suspend_shared(model: nn.Module) -> Iterator[dict[nn.Module, ActivationQuantizer]]:
+def suspend_shared(
+    model: nn.Module, modules: Iterable[nn.Module] | None = None
+) -> Iterator[dict[nn.Module, ActivationQuantizer]]:
     """Turn the producer hooks into no-ops for the block; yields producer module -> quantizer.
 
     The compressed runtime codes shared values itself (as bytes) and must not see them fake-quantized first.
+    ``modules``: the modules to look at (a runner's producers, found once); ``None``: all of ``model``'s.
     """
-    held = {m: m.__dict__.pop(SHARED_ATTR) for m in model.modules() if SHARED_ATTR in m.__dict__}
+    candidates = model.modules() if modules is None else modules
+    held = {m: m.__dict__.pop(SHARED_ATTR) for m in candidates if SHARED_ATTR in m.__dict__}
     try:
         yield held
     finally:

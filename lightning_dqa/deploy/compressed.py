@@ -47,7 +47,8 @@ from __future__ import annotations
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as TF
@@ -57,7 +58,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from lightning_dqa.codec.entropy import DEFAULT_CODER
 from lightning_dqa.codec.layout import check_coder
 from lightning_dqa.core import functional as F
-from lightning_dqa.core.attach import output_hook, quantizers_of
+from lightning_dqa.core.attach import QUANTIZER_ATTR, output_hook, quantizers_of
 from lightning_dqa.core.quantizers import ActivationQuantizer
 from lightning_dqa.core.shared import (
     SHARED_ATTR,
@@ -72,7 +73,7 @@ from lightning_dqa.core.shared import (
 from lightning_dqa.deploy.layer_bytes import bytes_to_values, quantizer_to_bytes
 from lightning_dqa.deploy.liveness import Peak, QRead, Step, peak_memory
 
-__all__ = ["BlobRecord", "CompressedReport", "run_compressed"]
+__all__ = ["BlobRecord", "CompressedReport", "CompressedRunner", "run_compressed"]
 
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish,
@@ -121,14 +122,13 @@ class CompressedReport:
         batch: images in the pass (the first dimension of the first input).
         blobs: every blob written, in execution order.
         steps: the recorded steps of the liveness analysis (:mod:`lightning_dqa.deploy.liveness`).
-        stored: peak with each quantized activation at its blob bytes.
-        int8: peak with each quantized activation at 8 bits per value (no header; static scales are model
-            constants and not counted).
-        fp32: peak of the same pass in full precision.
         coded: the shared values (:mod:`lightning_dqa.core.shared`) stored as one blob of their reading layer and
             decoded for every reader (``shared_values="codes"``), by step name.
         fp_shared: the shared values kept in full precision, each with its reading layer and the reason (the
             setting, or why no producer module can code it).
+
+    The three peaks (:attr:`stored`, :attr:`int8`, :attr:`fp32`) are planned from ``steps`` when first read, as a
+    device plans its arena ahead of time; the pass itself only records the steps.
 
     Each :class:`~.liveness.Peak`'s ``nbytes`` is its arena's size (every buffer at a planned offset, greedy
     by size); ``live_bytes`` is the most bytes live at one step, the lower bound of any arena. Greedy planning
@@ -140,11 +140,26 @@ class CompressedReport:
     batch: int
     blobs: list[BlobRecord]
     steps: list[Step]
-    stored: Peak
-    int8: Peak
-    fp32: Peak
     coded: list[str] = field(default_factory=list)
     fp_shared: list[str] = field(default_factory=list)
+
+    @cached_property
+    def stored(self) -> Peak:
+        """Peak with each quantized activation at its blob bytes."""
+        return peak_memory(self.steps, lambda r: r.nbytes)
+
+    @cached_property
+    def int8(self) -> Peak:
+        """Peak with each quantized activation at 8 bits per value.
+
+        No header is counted; static scales are model constants and not counted either.
+        """
+        return peak_memory(self.steps, lambda r: r.numel)
+
+    @cached_property
+    def fp32(self) -> Peak:
+        """Peak of the same pass in full precision."""
+        return peak_memory(self.steps)
 
     @property
     def layer_bytes(self) -> dict[str, int]:
@@ -197,28 +212,46 @@ class _Stored:
 
 
 class _Codec:
-    """The forward hook on every active quantizer: writes the blob (or takes a stored one) and decodes it."""
+    """Stands in for every active quantizer while a pass runs: writes the blob (or takes a stored one), decodes it.
 
-    def __init__(self, quantizers: dict[str, ActivationQuantizer], coder: str = DEFAULT_CODER) -> None:
+    The stand-ins take the quantizers' places on their layers (as the ONNX export's do), so a layer's pre-hook
+    or output hook calls the codec instead of fake-quantizing values the blob then replaces.
+    """
+
+    def __init__(self, places: list[tuple[nn.Module, ActivationQuantizer, str]], coder: str = DEFAULT_CODER) -> None:
         self.coder = coder
-        self.names = {id(q): n for n, q in quantizers.items()}
         self.preset: dict[int, bytes] = {}
         self.step, self.value = "", ""
         self.records: list[BlobRecord] = []
-        self.handles = [q.register_forward_hook(self.hook) for q in quantizers.values()]
+        self.places = [(layer, _CodecCall(self, q, name)) for layer, q, name in places]
 
-    def hook(self, q: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        q = cast(ActivationQuantizer, q)  # registered on quantizers only
+    def __enter__(self) -> _Codec:
+        for layer, call in self.places:
+            layer._modules[QUANTIZER_ATTR] = call
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for layer, call in self.places:
+            layer._modules[QUANTIZER_ATTR] = call.q
+
+    def code(self, q: ActivationQuantizer, name: str, x: Tensor) -> Tensor:
         blob = self.preset.pop(id(q), None)
         stored = blob is not None
         if blob is None:
-            blob = quantizer_to_bytes(q, args[0], coder=self.coder)
-        self.records.append(BlobRecord(self.names[id(q)], self.step, self.value, len(blob), output.numel(), stored))
+            blob = quantizer_to_bytes(q, x, coder=self.coder)
+        self.records.append(BlobRecord(name, self.step, self.value, len(blob), x.numel(), stored))
         return decode(q, blob)
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+
+class _CodecCall(nn.Module):
+    """One quantizer's stand-in: ``forward(x)`` is ``q(x)`` through the blob."""
+
+    def __init__(self, codec: _Codec, q: ActivationQuantizer, name: str) -> None:
+        super().__init__()
+        self.__dict__.update(codec=codec, q=q, layer=name)  # not submodules: the stand-in owns nothing
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.codec.code(self.q, self.layer, x)
 
 
 def decode(q: ActivationQuantizer, blob: bytes) -> Tensor:
@@ -239,11 +272,12 @@ def decode(q: ActivationQuantizer, blob: bytes) -> Tensor:
     return values
 
 
-@torch.no_grad()
 def run_compressed(
     model: nn.Module, inputs: Tensor | tuple[Any, ...], coder: str = DEFAULT_CODER
 ) -> tuple[Any, CompressedReport]:
     """Run a calibrated model with its quantized activations stored as blobs; see the module docstring.
+
+    Traces the model at each call; :class:`CompressedRunner` traces once for many passes.
 
     Args:
         model: a model with calibrated quantizers (:func:`lightning_dqa.prepare` + :func:`lightning_dqa.calibrate`),
@@ -263,28 +297,74 @@ def run_compressed(
         ImportError: for ``zstd`` or ``ans`` without their package (``pip install 'lightning-dqa[entropy]'``).
 
     """
-    quantizers = _active_quantizers(model)
-    check_coder(coder, torch.ones(1))
-    gm, readers, coded, kept = _trace(model, quantizers, "run_compressed")
-    args = tree_map(_own_storage, inputs if isinstance(inputs, tuple) else (inputs,))
-    codec = _Codec(quantizers, coder)
-    try:
-        with suspend_shared(model):  # the runner codes shared values itself, as bytes
-            output, steps = _Runner(gm, readers, quantizers, codec, coded).run(args)
-    finally:
-        codec.remove()
-    first = next((t for t in tree_leaves(args) if isinstance(t, Tensor) and t.ndim), None)
-    report = CompressedReport(
-        batch=1 if first is None else int(first.shape[0]),
-        blobs=codec.records,
-        steps=steps,
-        stored=peak_memory(steps, lambda r: r.nbytes),
-        int8=peak_memory(steps, lambda r: r.numel),
-        fp32=peak_memory(steps),
-        coded=[n.name for n in coded],
-        fp_shared=kept,
-    )
-    return output, report
+    return CompressedRunner(model, coder)(inputs)
+
+
+class CompressedRunner:
+    """:func:`run_compressed` prepared once for many passes: the trace and the shared values' plan.
+
+    A device runtime plans its schedule ahead of time and then only runs it; so does this runner. Each call reads
+    the quantizers' current state (scales, widths, important channels), so recalibrating needs no new runner;
+    changing which layers quantize (``prepare``, enabling or disabling a quantizer) or the model's structure does.
+
+    Args:
+        model: as :func:`run_compressed` takes it.
+        coder: as :func:`run_compressed` takes it.
+
+    Raises:
+        ValueError: as :func:`run_compressed` raises it.
+        ImportError: as :func:`run_compressed` raises it.
+
+    Example:
+        >>> from lightning_dqa.demos.models import build_model
+        >>> from lightning_dqa import DQAConfig, calibrate, prepare
+        >>> net = build_model("resnet20").eval()
+        >>> cfg = DQAConfig(bits=3, ranking="energy")
+        >>> _ = prepare(net, cfg)
+        >>> _ = calibrate(net, cfg, [torch.randn(8, 3, 32, 32)], forward_fn=lambda m, b: m(b))
+        >>> runner = CompressedRunner(net)
+        >>> out, report = runner(torch.randn(1, 3, 32, 32))
+        >>> out.shape, report.stored.nbytes < report.fp32.nbytes
+        (torch.Size([1, 10]), True)
+
+    """
+
+    def __init__(self, model: nn.Module, coder: str = DEFAULT_CODER) -> None:
+        self.model, self.coder = model, coder
+        self.quantizers = _active_quantizers(model)
+        check_coder(coder, torch.ones(1))
+        self.gm, readers, self.coded, self.kept = _trace(model, self.quantizers, "run_compressed")
+        self.runner = _Runner(self.gm, readers, self.quantizers, self.coded)
+        self.places = [(model.get_submodule(name), q, name) for name, q in self.quantizers.items()]
+        self.producers = [m for m in model.modules() if SHARED_ATTR in m.__dict__]
+
+    @torch.no_grad()
+    def __call__(self, inputs: Tensor | tuple[Any, ...]) -> tuple[Any, CompressedReport]:
+        """One pass, as :func:`run_compressed` returns it.
+
+        Raises:
+            ValueError: when a quantizer of the plan no longer codes (disabled, pass-through or with an
+                ``fp_mask``): make a new runner.
+        """
+        for name, q in self.quantizers.items():
+            if not q.enabled or q.passthrough or q.fp_mask is not None:  # no device read: checked in Python
+                raise ValueError(
+                    f"Layer {name!r} no longer writes codes (enabled={q.enabled}, bits={q.n}, fp_mask set: "
+                    f"{q.fp_mask is not None}) since this CompressedRunner was made; make a new one"
+                )
+        args = tree_map(_own_storage, inputs if isinstance(inputs, tuple) else (inputs,))
+        codec = _Codec(self.places, self.coder)
+        with codec, suspend_shared(self.model, self.producers):  # the runner codes shared values itself, as bytes
+            output, steps = self.runner.run(args, codec)
+        first = next((t for t in tree_leaves(args) if isinstance(t, Tensor) and t.ndim), None)
+        report = CompressedReport(
+            batch=1 if first is None else int(first.shape[0]),
+            blobs=codec.records,
+            steps=steps,
+            coded=[n.name for n in self.coded],
+            fp_shared=list(self.kept),
+        )
+        return output, report
 
 
 def _trace(
@@ -392,24 +472,30 @@ class _Runner:
 
     def __init__(
         self, gm: fx.GraphModule, readers: Mapping[fx.Node, str], quantizers: dict[str, ActivationQuantizer],
-        codec: _Codec, coded: Mapping[fx.Node, tuple[str, str, bool]],
+        coded: Mapping[fx.Node, tuple[str, str, bool]],
     ) -> None:  # fmt: skip
-        self.gm, self.readers, self.quantizers, self.codec = gm, readers, quantizers, codec
+        self.gm, self.readers, self.quantizers = gm, readers, quantizers
         self.coded = coded
-        self.interp = fx.Interpreter(gm)
+        interp = fx.Interpreter(gm)
         self.nodes = list(gm.graph.nodes)
-        self.env: dict[fx.Node, Any] = {}
-        self.decoded: dict[int, _Coded] = {}  # storage address of a decoded shared value -> its record
-
-    def run(self, args: tuple[Any, ...]) -> tuple[Any, list[Step]]:
-        """Returns ``(output, steps)``."""
+        self.modules = {n: gm.get_submodule(str(n.target)) for n in self.nodes if n.op == "call_module"}
+        self.calls = {n: getattr(interp, n.op) for n in self.nodes if n.op in ("call_method", "get_attr")}
+        self.elementwise = {n for n in self.nodes if _elementwise(gm, n)}
         last = {n: i for i, n in enumerate(self.nodes)}
         for i, node in enumerate(self.nodes):
             for arg in node.all_input_nodes:
                 last[arg] = i
-        dead: dict[int, list[fx.Node]] = {}
+        self.dead: dict[int, list[fx.Node]] = {}  # step -> the values no later step reads
         for n, i in last.items():
-            dead.setdefault(i, []).append(n)
+            self.dead.setdefault(i, []).append(n)
+        self.codec = _Codec([])
+        self.env: dict[fx.Node, Any] = {}
+        self.decoded: dict[int, _Coded] = {}  # storage address of a decoded shared value -> its record
+
+    def run(self, args: tuple[Any, ...], codec: _Codec) -> tuple[Any, list[Step]]:
+        """Returns ``(output, steps)``; ``codec`` (entered) codes the pass's blobs and records them."""
+        self.codec, self.env, self.decoded = codec, {}, {}
+        dead = self.dead
         steps, placeholders, output = [], iter(args), None
         for i, node in enumerate(self.nodes):
             qreads: tuple[QRead, ...] = ()
@@ -464,7 +550,7 @@ class _Runner:
         self.codec.step = node.name
         self.codec.value = source.name if isinstance(source, fx.Node) else node.name
         before = len(self.codec.records)
-        value = getattr(self.interp, node.op)(node.target, args, kwargs)
+        value = _run_node(node, self.modules, self.calls, args, kwargs)
         if shared is not None:  # reads the shared codes (decoding, and any re-quantization, fused into the layer)
             return value, (shared.qread(),)
         qreads = tuple(
@@ -529,8 +615,19 @@ class _Runner:
         )
         qreads = (*(r for r in qreads if not r.blob), *shared.values()) if has_data else qreads
         return Step(
-            node.name, reads, qreads, sum(new.values()), alias, _elementwise(self.gm, node), node.op == "placeholder"
+            node.name, reads, qreads, sum(new.values()), alias, node in self.elementwise, node.op == "placeholder"
         )
+
+
+def _run_node(
+    node: fx.Node, modules: Mapping[fx.Node, nn.Module], calls: Mapping[fx.Node, Any], args: Any, kwargs: Any
+) -> Any:
+    """What :class:`torch.fx.Interpreter` computes for one node, with its module found once (not per pass)."""
+    if node.op == "call_module":
+        return modules[node](*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+    return calls[node](node.target, args, kwargs)
 
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:

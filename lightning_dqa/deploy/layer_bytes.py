@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,8 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_dqa.codec.blob import decode_errors
-from lightning_dqa.codec.bytepath import CodedActivation, decode_values, encode_values
-from lightning_dqa.codec.codebook import HuffmanCodebook
+from lightning_dqa.codec.bytepath import ChannelTables, CodedActivation, channel_tables, decode_values, encode_values
 from lightning_dqa.codec.entropy import DEFAULT_CODER, _huffman_book
 from lightning_dqa.codec.huffman import DEFAULT_CHUNK_SIZE
 from lightning_dqa.codec.layout import check_coder, error_coder, model_crc, read_parts, write_parts
@@ -35,6 +36,7 @@ from lightning_dqa.core import functional as F
 from lightning_dqa.core._checks import is_int
 
 if TYPE_CHECKING:
+    from lightning_dqa.codec.codebook import HuffmanCodebook
     from lightning_dqa.core.quantizers import ActivationQuantizer
 
 __all__ = ["bytes_to_values", "quantizer_to_bytes"]
@@ -71,25 +73,25 @@ def quantizer_to_bytes(
             f"Layer {q.name!r}: expected {q.num_channels} channels on dim {q.channel_dim}, "
             f"got a tensor of shape {tuple(x.shape)}"
         )
-    counts = q.error_counts.detach().cpu()
-    check_coder(coder, counts)
+    layer = _layer_state(q)
+    if coder != DEFAULT_CODER:
+        check_coder(coder, layer.counts)
     if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"Expected chunk_size to be a positive int, got {chunk_size!r}")
-    book = _codebook_of(q)
     x = q.code_input(x.detach())
-    scale_n = _scale_n(q, x)
+    scale_n = _scale_n(q, x) if layer.tables is None else layer.tables.scale
     coded = encode_values(
-        x, scale_n, q.important, q.n, q.m, bool(q.signed), q.channel_dim, book if coder == "huffman" else None,
-        chunk_size,
+        x, scale_n, q.important, q.n, q.m, q._signed, q.channel_dim, layer.book if coder == "huffman" else None,
+        chunk_size, layer.tables,
     )  # fmt: skip
     error, error_bits = coded.error, coded.error_bits
     if coder != "huffman":
-        data = error_coder(coder).encode(coded.error, counts)
+        data = error_coder(coder).encode(coded.error, layer.counts)
         error, error_bits = np.frombuffer(data, np.uint8), error_coder(coder).bits(data)
     return write_parts(
-        shape=tuple(x.shape), bits=q.n, extra_bits=q.m, signed=bool(q.signed), channel_dim=q.channel_dim % x.ndim,
-        important=torch.nonzero(q.important.detach().cpu()).flatten().numpy(), crc=model_crc(coder, book, counts),
-        scale=scale_n if q.scale_mode == "dynamic" else None, chunk_size=chunk_size, coder=coder, main=coded.main,
+        shape=tuple(x.shape), bits=q.n, extra_bits=q.m, signed=q._signed, channel_dim=q.channel_dim % x.ndim,
+        important=layer.important, crc=model_crc(coder, layer.book, layer.counts),
+        scale=scale_n if layer.tables is None else None, chunk_size=chunk_size, coder=coder, main=coded.main,
         error=error, offsets=coded.offsets, error_bits=error_bits,
     )  # fmt: skip
 
@@ -114,30 +116,31 @@ def bytes_to_values(q: ActivationQuantizer, blob: bytes | bytearray | memoryview
 
     """
     _check_quantizer(q)
-    counts = q.error_counts.detach().cpu()
-    book = _codebook_of(q)
-    parts = read_parts(blob, book, counts)
+    layer = _layer_state(q)
+    book = layer.book
+    parts = read_parts(blob, book, layer.counts)
     header = parts.header
     got = (header.bits, header.extra_bits, header.signed, header.num_channels, header.important)
-    want = (q.n, q.m, bool(q.signed), q.num_channels, tuple(torch.nonzero(q.important).flatten().tolist()))
+    want = (q.n, q.m, q._signed, q.num_channels, layer.important_tuple)
     if got != want or header.channel_dim != q.channel_dim % len(header.shape):
         raise ValueError(
             f"Layer {q.name!r}: the blob holds (bits, extra_bits, signed, channels, important) = {got} on dim "
             f"{header.channel_dim}, the layer has {want} on dim {q.channel_dim}"
         )
+    tables = None
     if header.scale is not None:
         scale = header.scale
-    elif q.scale_mode == "dynamic":
+    elif layer.tables is None:
         raise ValueError(f"Layer {q.name!r} has dynamic scales, but the blob stores none")
     else:
-        scale = _scale_n(q, None)
+        scale, tables = layer.tables.scale, layer.tables
     coded = CodedActivation(parts.main, parts.error, parts.offsets, header.error_bits)
     if header.coder != "huffman":
-        errors = decode_errors(parts, book, counts).numpy()
+        errors = decode_errors(parts, book, layer.counts).numpy()
         coded = CodedActivation(parts.main, errors.astype(np.uint8) if q.m <= 8 else errors, parts.offsets, 0)
     out = decode_values(
         coded, header.shape, scale, q.important, q.n, q.m, header.signed, header.channel_dim,
-        book if header.coder == "huffman" else None, header.chunk_size, q.important.device,
+        book if header.coder == "huffman" else None, header.chunk_size, q.important.device, tables,
     )  # fmt: skip
     return out
 
@@ -159,6 +162,47 @@ def _check_quantizer(q: ActivationQuantizer) -> None:
         raise ValueError(f"Layer {q.name!r} has an fp_mask: its output is not a function of its DQA codes")
 
 
+@dataclass(frozen=True, eq=False)
+class _LayerState:
+    """What every blob of a layer shares, made once per state of the layer (not once per tensor).
+
+    A batch-1 pass codes many small tensors, where deriving these at every call cost more than the kernels.
+    """
+
+    key: tuple[object, ...]
+    counts: Tensor  # (2**m,) int64 error histogram, on the CPU
+    book: HuffmanCodebook  # its code book, as the memory meter builds it
+    important: np.ndarray  # (k,) int64 important channel indices, increasing
+    important_tuple: tuple[int, ...]
+    tables: ChannelTables | None  # the frozen scales' kernel tables; None for dynamic scales
+
+
+_LAYER_STATES: weakref.WeakKeyDictionary[ActivationQuantizer, _LayerState] = weakref.WeakKeyDictionary()
+
+
+def _version(t: Tensor) -> tuple[int, int, int]:
+    """What changes when a buffer is replaced or written in place: identity, storage and version counter."""
+    return id(t), t.data_ptr(), t._version
+
+
+def _layer_state(q: ActivationQuantizer) -> _LayerState:
+    """The layer's :class:`_LayerState`, remade when its widths, signedness, scales, channels or histogram change."""
+    key = (
+        q.n, q.m, q._signed, q.scale_mode, q.channel_dim, q.num_channels,
+        _version(q.scale), _version(q.important), _version(q.error_counts),
+    )  # fmt: skip
+    state = _LAYER_STATES.get(q)
+    if state is not None and state.key == key:
+        return state
+    counts = q.error_counts.detach().cpu()
+    important = torch.nonzero(q.important.detach().cpu()).flatten().numpy()
+    tables = None if q.scale_mode == "dynamic" else channel_tables(_scale_n(q, None), q.important, q.m)
+    book = _huffman_book(counts.numpy().astype(np.int64).tobytes())  # one book per histogram
+    state = _LayerState(key, counts, book, important, tuple(important.tolist()), tables)
+    _LAYER_STATES[q] = state
+    return state
+
+
 def _codebook_of(q: ActivationQuantizer) -> HuffmanCodebook:
     """The layer's shifting-error code book, from its calibration histogram (as the memory meter builds it)."""
-    return _huffman_book(q.error_counts.detach().cpu().numpy().astype(np.int64).tobytes())  # built once per histogram
+    return _layer_state(q).book

@@ -10,7 +10,7 @@ from torch import nn
 from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.core.attach import quantizers_of
 from lightning_dqa.demos.models import build_model
-from lightning_dqa.deploy.compressed import run_compressed
+from lightning_dqa.deploy.compressed import CompressedRunner, run_compressed
 from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
 from lightning_dqa.deploy.liveness import QRead, Step, peak_memory
 
@@ -210,3 +210,57 @@ def test_a_sliced_input_counts_its_own_bytes_not_its_batch_storage() -> None:
     _, copy = run_compressed(model, x[:1].clone())
     assert view.per_image() == copy.per_image()
     assert view.fp32.live == copy.fp32.live
+
+
+def test_runner_traces_once_and_reads_the_quantizers_current_state() -> None:
+    """A CompressedRunner gives run_compressed's output and report on every call, and sees a recalibration."""
+    torch.manual_seed(0)
+    model, x = calibrated(build_model("resnet20"), (2, 3, 16, 16))
+    runner = CompressedRunner(model)
+    for batch in (x, x.flip(0)[:1]):
+        out, report = runner(batch)
+        want, want_report = run_compressed(model, batch)
+        assert torch.equal(out + 0.0, want + 0.0)
+        assert report.blobs == want_report.blobs
+        assert report.stored.nbytes == want_report.stored.nbytes and report.fp32.nbytes == want_report.fp32.nbytes
+    q = quantizers_of(model)["layer1.0.conv2"]
+    before = runner(x)[1].layer_bytes["layer1.0.conv2"]
+    with torch.no_grad():
+        q.scale.mul_(4.0)  # in place: a cached layer state that missed this would code with the old scales
+        q.important.zero_()
+        expected = model(x)
+    out, report = runner(x)
+    assert torch.equal(out + 0.0, expected + 0.0)
+    assert report.layer_bytes["layer1.0.conv2"] < before  # no important channel: no shifting errors stored
+
+
+def test_runner_puts_the_quantizers_back_and_refuses_a_changed_plan() -> None:
+    torch.manual_seed(0)
+    model, x = calibrated(build_model("resnet20"), (2, 3, 16, 16))
+    installed = quantizers_of(model)
+    runner = CompressedRunner(model)
+    with pytest.raises(ValueError, match="'conv1': expected 3 channels"):
+        runner(torch.randn(2, 5, 16, 16))  # fails inside the pass, with the stand-ins in place
+    assert quantizers_of(model) == installed  # the quantizers are back on their layers
+    installed["layer2.0.conv1"].enabled = False
+    with pytest.raises(ValueError, match=r"'layer2\.0\.conv1' no longer writes codes.*make a new one"):
+        runner(x)
+
+
+def test_layer_state_follows_in_place_changes() -> None:
+    """The per-layer tables the byte path keeps are remade when scales, widths or important channels change."""
+    from lightning_dqa.deploy.layer_bytes import bytes_to_values
+
+    torch.manual_seed(0)
+    model, _ = calibrated(build_model("resnet20"), (2, 3, 16, 16))
+    q = quantizers_of(model)["layer1.0.conv2"]
+    a = torch.randn(2, q.num_channels, 16, 16).relu()
+    with torch.no_grad():
+        for change in (
+            lambda: q.scale.mul_(0.5),
+            lambda: q.important.copy_(~q.important),
+            lambda: q.set_widths(4, 2),
+            lambda: q.error_counts.add_(torch.arange(q.error_counts.numel())),
+        ):
+            change()
+            assert torch.equal(bytes_to_values(q, quantizer_to_bytes(q, a)), q(a))
