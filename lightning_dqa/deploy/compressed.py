@@ -586,13 +586,13 @@ class _Runner:
 
         A read of a decoded shared value (or a view of one) is a read of its codes; a view of one is no buffer.
         """
-        outs = [t for t in tree_leaves(value) if isinstance(t, Tensor)]
+        outs = _tensors(value)
         inputs: dict[int, str] = {}
         shared: dict[str, QRead] = {r.value: r for r in qreads if r.blob}
         via_codes: set[str] = set()
         for arg in node.all_input_nodes:
             held = self.env.get(arg)
-            for t in tree_leaves(held) if not isinstance(held, _Stored) else []:
+            for t in _tensors(held) if not isinstance(held, _Stored) else []:
                 coded = self._coded_of(t)
                 if coded is not None:
                     shared.setdefault(coded.value, coded.qread())
@@ -617,6 +617,13 @@ class _Runner:
         return Step(
             node.name, reads, qreads, sum(new.values()), alias, node in self.elementwise, node.op == "placeholder"
         )
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors in ``value`` (a tensor, or a container of them and other things)."""
+    if isinstance(value, Tensor):  # the common case, without flattening
+        return [value]
+    return [t for t in tree_leaves(value) if isinstance(t, Tensor)]
 
 
 def _run_node(
