@@ -343,3 +343,42 @@ def test_calibration_is_deterministic():
         assert na == nb and torch.equal(qa.important, qb.important) and torch.equal(qa.scale, qb.scale)
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+def test_gradient_statistics_of_a_value_two_layers_read_sum_both_paths():
+    """A block input read by a convolution and by the residual shortcut: the ``fisher`` statistics of the
+    convolution's input are ``(dL/dh)**2`` with ``dL/dh`` summed over both readers, so the important channels
+    are chosen for the shortcut too (what ``shared_values="codes"`` then stores for both)."""
+    from lightning_dqa.calibration.collect import collect
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.conv = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.stem(x))
+            return (self.conv(h) + 3.0 * h).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    cfg = DQAConfig(bits=3, ranking="fisher", first_layer_bits=None)
+    prepare(model, cfg)
+    set_quantizers_enabled(model, False)
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 4, (5,))
+
+    def loss_fn(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="sum")
+
+    got = collect(model, cfg, [(x, y)], forward_fn=lambda m, b: m(b[0]), loss_fn=loss_fn)
+    grad_sq = got.observers["conv"].compute().grad_sq
+
+    h = torch.relu(model.stem(x)).detach().requires_grad_(True)
+    out = (model.conv(h) + 3.0 * h).mean(dim=(2, 3))
+    (both,) = torch.autograd.grad(nn.functional.cross_entropy(out, y, reduction="sum"), h)
+    (conv_only,) = torch.autograd.grad(
+        nn.functional.cross_entropy((model.conv(h) + 3.0 * h.detach()).mean(dim=(2, 3)), y, reduction="sum"), h
+    )
+    want = both.double().square().sum(dim=(0, 2, 3))
+    assert torch.allclose(grad_sq.double(), want, rtol=1e-4)
+    assert not torch.allclose(want, conv_only.double().square().sum(dim=(0, 2, 3)), rtol=1e-2)  # the shortcut counts
