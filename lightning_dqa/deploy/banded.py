@@ -101,6 +101,7 @@ from lightning_dqa.deploy.compressed import (
     decode,
 )
 from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
+from lightning_dqa.deploy.split_concat import split_concat_convs
 
 __all__ = ["BandedBlob", "BandedReport", "InPlace", "Stored", "WholeNode", "run_banded"]
 
@@ -246,7 +247,7 @@ class _SplitBand:
 @torch.no_grad()
 def run_banded(
     model: nn.Module, inputs: Tensor, band_rows: int = 1, coder: str = DEFAULT_CODER, strict: bool = False,
-    depthwise_chunks: int = 4,
+    depthwise_chunks: int = 4, split_concat: bool = True,
 ) -> tuple[Any, BandedReport]:
     """Run a calibrated model in row bands with its stored activations as banded blobs; see the module docstring.
 
@@ -262,6 +263,10 @@ def run_banded(
         depthwise_chunks: a value only depthwise convolutions read (an inverted residual's expanded tensor) keeps
             its line buffer as codes in this many channel chunks, decoded and convolved one chunk at a time, so
             its rows are never all float32 at once (``1``: decoded whole).
+        split_concat: run a quantized convolution of a channel concatenation (a U-Net decoder's skip and
+            upsampled input) as one convolution per part, summed (:mod:`.split_concat`): no concatenated band, and
+            each part's rows decoded and convolved in turn. The sums are added in another order, so the output
+            may differ from the fake-quantized forward in the last bits of a value.
 
     Returns:
         ``(output, report)``.
@@ -288,7 +293,9 @@ def run_banded(
         )
     check_coder(coder, torch.ones(1))
     gm, readers, coded, _ = _trace(model, quantizers, "run_banded")
-    return _Banded(model, gm, readers, quantizers, coded, band_rows, coder, strict, depthwise_chunks).run(inputs)
+    banded = _Banded(model, gm, dict(readers), quantizers, coded, band_rows, coder, strict, depthwise_chunks)
+    banded.split_concat = split_concat
+    return banded.run(inputs)
 
 
 def _describe(x: Any) -> str:
@@ -436,6 +443,7 @@ class _Banded:
         self.model, self.gm, self.readers, self.quantizers = model, gm, readers, quantizers
         self.coded, self.band_rows, self.coder, self.strict = coded, band_rows, coder, strict
         self.chunks, self.transient = chunks, 0
+        self.split_concat, self.layer_of = False, dict[str, str]()  # part convolution's layer -> the split layer
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.whole: list[WholeNode] = []
@@ -445,6 +453,13 @@ class _Banded:
     def run(self, x: Tensor) -> tuple[Any, BandedReport]:
         rec = _Recorder(self.gm)
         rec.run(x)
+        if self.split_concat:
+            self.layer_of = split_concat_convs(self.gm, self.readers, self.quantizers, rec.meta)
+            if self.layer_of:  # the plan again, of the rewritten trace
+                self.nodes = list(self.gm.graph.nodes)
+                self.order = {n: i for i, n in enumerate(self.nodes)}
+                rec = _Recorder(self.gm)
+                rec.run(x)
         self.dtype, self.device = x.dtype, x.device
         self.meta, self.tensors = rec.meta, rec.tensors
         self.rules: dict[fx.Node, _Rule] = {}
@@ -1053,7 +1068,8 @@ class _Banded:
         users = list(node.users)
         if users and all(u in self.readers and u.args[0] is node and node not in u.args[1:] for u in users):
             layers = tuple(dict.fromkeys(self.readers[u] for u in users))
-            return list({id(q): q for q in (self.quantizers[name] for name in layers)}.values()), layers
+            qs = list({id(q): q for q in (self.quantizers[name] for name in layers)}.values())
+            return qs, tuple(dict.fromkeys(self.layer_of.get(name, name) for name in layers))
         return None
 
     def _write(self, s: Stored, lo: int, rows: Tensor) -> None:

@@ -366,3 +366,52 @@ def test_uniform_shared_values_run_banded_bit_for_bit(name: str) -> None:
     wide = [b for s in report.stored for b in s.blobs.values() if b.q.name.endswith("(4-bit shared)")]
     assert wide and all(b.q.n == 4 for b in wide)
     check_report(report)
+
+
+def test_a_convolution_of_a_concatenation_runs_one_part_at_a_time() -> None:
+    """A U-Net decoder convolution reads its upsampled input and its skip as two convolutions, summed.
+
+    On the dyadic U-Net every sum is exact, so the output is still the fake-quantized forward's; the scratch of
+    the decoder falls, since no concatenated band is made and each part's rows are dropped before the next's.
+    """
+    model, x = calibrated("unet")
+    with torch.no_grad():
+        reference = model(x) + 0.0
+    scratch, peak = {}, {}
+    for split in (False, True):
+        out, report = run_banded(model, x, split_concat=split)
+        assert torch.equal(out + 0.0, reference), split
+        check_report(report)
+        assert {layer for s in report.stored for layer in s.layers} <= set(quantizers_of(model))  # model layers
+        scratch[split], peak[split] = max(report.scratch["stored"]), report.peak
+    assert scratch[True] < scratch[False] and peak[True] <= peak[False]
+
+
+def test_split_concat_rewrites_only_quantized_convolutions_of_a_channel_concatenation() -> None:
+    from lightning_dqa.deploy.compressed import _active_quantizers, _trace
+    from lightning_dqa.deploy.split_concat import split_concat_convs
+
+    model, x = calibrated("unet")
+    quantizers = _active_quantizers(model)
+    gm, readers, _, _ = _trace(model, quantizers, "test")
+    shapes = {}
+
+    class Shapes(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            value = super().run_node(n)
+            shapes[n] = tuple(value.shape) if isinstance(value, Tensor) else ()
+            return value
+
+    with torch.no_grad():
+        Shapes(gm).run(x)
+    cats = [n for n in gm.graph.nodes if n.target is torch.cat]
+    readers, quantizers = dict(readers), dict(quantizers)
+    split = split_concat_convs(gm, readers, quantizers, shapes)
+    assert len(split) == 2 * len(cats) > 0  # two parts per decoder convolution: upsampled input and skip
+    assert not [n for n in gm.graph.nodes if n.target is torch.cat]
+    for part, layer in split.items():
+        assert part.startswith(layer + "[") and quantizers[part].num_channels < quantizers[layer].num_channels
+    with torch.no_grad():
+        assert torch.equal(gm(x) + 0.0, model(x) + 0.0)  # dyadic: the parts' sums are exact
+    assert all(isinstance(m, ActivationQuantizer) for m in quantizers_of(model).values())  # the model is untouched
+    assert not any("dqa_split" in name for name, _ in model.named_modules())
