@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from lightning_dqa.calibration.batches import clone_inference, default_batch_size, truncate
 from lightning_dqa.calibration.observers import EXTRAS, ChannelStatsObserver
 from lightning_dqa.calibration.sampling import sample_keys
-from lightning_dqa.core.attach import find_quant_points, tap
+from lightning_dqa.core.attach import QUANTIZER_ATTR, find_quant_points, tap
 from lightning_dqa.core.config import DQAConfig
+from lightning_dqa.core.shared import SHARED_ATTR, is_leading, shared_mode
 
 __all__ = ["Collected", "collect"]
 
@@ -80,6 +81,12 @@ class _Taps:
         self.kept: dict[str, list[Tensor]] = {p.name: [] for p in points}
         self.keep_inputs = keep_inputs
         self.handles = [tap(p.layer, p.where, self._hook(p.name)) for p in points]
+        by_quantizer = {id(getattr(p.layer, QUANTIZER_ATTR, None)): p.name for p in points}
+        for producer in model.modules():  # a skip stored as a layer's codes that another layer reads too
+            name = by_quantizer.get(id(producer.__dict__.get(SHARED_ATTR)))
+            codes = name is not None and is_leading(producer) and shared_mode(producer) == "codes"
+            if codes and config.needs_gradients:
+                self.handles.append(producer.register_forward_hook(self._skip_hook(name)))
 
     def _hook(self, name: str) -> Callable[[Tensor], Tensor | None]:
         def fn(x: Tensor) -> Tensor | None:
@@ -96,6 +103,20 @@ class _Taps:
             if have < self.keep_inputs:
                 self.kept[name].append(x.detach()[: self.keep_inputs - have].clone())
             return replaced
+
+        return fn
+
+    def _skip_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        """The forward hook on a leading shared value's producer: layer ``name`` takes its channels' gradients.
+
+        Only with ``shared_values="codes"``: every reader then reads the layer's DQA codes, whose important
+        channels this ranking picks. ``int8`` and ``uniform`` codes have none; the important channels act only
+        in the layer's own re-quantization, which the concatenation's gradient ranks.
+        """
+
+        def fn(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor) and output.requires_grad:
+                self.observers[name].gradient_from(output, 0)
 
         return fn
 

@@ -106,6 +106,7 @@ class ChannelStatsObserver(nn.Module):
         self.name = name
         self._salt = int(mix64(torch.tensor([seed], dtype=torch.int64)))
         self._batch_keys: Tensor | None = None
+        self._elsewhere: tuple[int, int] | None = None  # channels whose gradients gradient_from takes
         self.reset()
 
     def reset(self) -> None:
@@ -185,18 +186,50 @@ class ChannelStatsObserver(nn.Module):
             self.max_samples,
         )
 
-    def _on_grad(self, x: Tensor) -> Callable[[Tensor], None]:
+    def _on_grad(self, x: Tensor, span: tuple[int, int] | None = None) -> Callable[[Tensor], None]:
+        """The tensor hook folding ``dL/dx`` into the gradient statistics of all channels, or of ``span``'s.
+
+        For the layer's own input (``span=None``) the channels :meth:`gradient_from` took over are left out.
+        """
+
         def hook(g: Tensor) -> None:
             dims = self._dims(g)
             g = g.detach().float()
-            self.grad_sq += torch.linalg.vector_norm(g, 2, dim=dims).double().square().to(self.grad_sq.device)
-            sums = _per_sample_channel_sums(g, self.channel_dim).double()
-            self.grad_coherent += sums.square().sum(0).to(self.grad_coherent.device)
+            parts = {"grad_sq": torch.linalg.vector_norm(g, 2, dim=dims).double().square()}
+            parts["grad_coherent"] = _per_sample_channel_sums(g, self.channel_dim).double().square().sum(0)
             if "saliency" in self.extras:
-                self.saliency += (x.float().abs() * g.abs()).sum(dim=dims).double().to(self.saliency.device)
+                parts["saliency"] = (x.float().abs() * g.abs()).sum(dim=dims).double()
+            for key, value in parts.items():
+                total = getattr(self, key)
+                value = value.to(total.device)
+                if span is not None:
+                    total[span[0] : span[1]] += value
+                    continue
+                if self._elsewhere is not None:
+                    value[self._elsewhere[0] : self._elsewhere[1]] = 0.0
+                total += value
             self.grad_seen = True
 
         return hook
+
+    def gradient_from(self, x: Tensor, start: int = 0) -> None:
+        """Take the gradient statistics of channels ``start..start + C`` from ``x`` instead of the layer's input.
+
+        For a value the layer reads as part of a concatenation and another layer reads too (a U-Net skip, read
+        by the decoder's convolution and by a max-pool): ``dL/dx`` sums both paths, the gradient of the
+        concatenation only the convolution's. With ``shared_values`` the value is stored once, as the codes of
+        these channels, so its channels are ranked by what they cost every reader.
+
+        Args:
+            x: the value, ``C`` channels on :attr:`channel_dim`; its gradient is folded in when it arrives.
+            start: its first channel in the layer's input.
+        """
+        stop = start + x.shape[self.channel_dim]
+        if not 0 <= start < stop <= self.num_channels:
+            raise ValueError(f"Layer {self.name!r}: channels {start}..{stop} of a {self.num_channels}-channel input")
+        self._elsewhere = (start, stop)
+        if self.track_gradients and x.requires_grad:
+            x.register_hook(self._on_grad(x.detach(), (start, stop)))
 
     def forward(self, x: Tensor) -> Tensor:
         """Fold statistics of ``x`` in and return ``x`` unchanged."""

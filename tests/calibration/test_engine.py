@@ -382,3 +382,49 @@ def test_gradient_statistics_of_a_value_two_layers_read_sum_both_paths():
     want = both.double().square().sum(dim=(0, 2, 3))
     assert torch.allclose(grad_sq.double(), want, rtol=1e-4)
     assert not torch.allclose(want, conv_only.double().square().sum(dim=(0, 2, 3)), rtol=1e-2)  # the shortcut counts
+
+
+def test_gradient_statistics_of_a_concatenated_skip_sum_every_reader():
+    """A skip a max-pool reads and a decoder convolution reads through a concatenation (a U-Net's): with shared
+    values its channels are stored once, as that convolution's codes, so their ``fisher`` statistics are of
+    ``dL/dskip`` summed over both readers, not of the concatenation's gradient alone."""
+    from lightning_dqa.calibration.collect import collect
+
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.act, self.pool = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 1, 1)
+            self.down, self.dec = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = self.act(self.stem(x))
+            return self.dec(torch.cat([s, torch.relu(self.down(self.pool(s)))], dim=1)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 4, (5,))
+
+    def loss_fn(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="sum")
+
+    grads = {}
+    for shared in ("fp32", "int8", "codes"):
+        torch.manual_seed(1)  # the same weights for all
+        model = Skip().eval()
+        cfg = DQAConfig(bits=3, ranking="fisher", first_layer_bits=None, shared_values=shared)
+        prepare(model, cfg)
+        set_quantizers_enabled(model, False)
+        got = collect(model, cfg, [(x, y)], forward_fn=lambda m, b: m(b[0]), loss_fn=loss_fn)
+        grads[shared] = got.observers["dec"].compute().grad_sq.double()
+
+    s = model.act(model.stem(x)).detach().requires_grad_(True)
+    d = torch.relu(model.down(model.pool(s)))
+    ds, dd = torch.autograd.grad(loss_fn(lambda t: model.dec(torch.cat([s, d], 1)).mean(dim=(2, 3)), (x, y)), (s, d))
+    cat_only = torch.autograd.grad(
+        loss_fn(lambda t: model.dec(torch.cat([s, d.detach()], 1)).mean(dim=(2, 3)), (x, y)), s
+    )[0]
+    per_channel = lambda g: g.double().square().sum(dim=(0, 2, 3))  # noqa: E731
+    assert torch.allclose(grads["codes"][:4], per_channel(ds), rtol=1e-4)  # both readers of the skip
+    assert torch.allclose(grads["codes"][4:], per_channel(dd), rtol=1e-4)
+    for shared in ("fp32", "int8"):  # its codes have no important channels: the convolution's own gradient ranks
+        assert torch.allclose(grads[shared][:4], per_channel(cat_only), rtol=1e-4), shared
+    assert not torch.allclose(grads["codes"][:4], grads["fp32"][:4], rtol=1e-2)
