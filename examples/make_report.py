@@ -178,9 +178,10 @@ def write_report(results: dict[str, Any] | None = None) -> None:
         ("shared_values", "shared_values.json"),
         ("peak_banded", "peak_banded.json"),
         ("shared_width", "shared_width.json"),
+        ("skip_ranking", "skip_ranking.json"),
     )
     for key, name in extras:
-        extra = OUT_DIR / name  # written by bench_objective.py / shared_values.py / peak_banded.py / shared_width.py
+        extra = OUT_DIR / name  # written by the scripts of the same names (examples/)
         if extra.exists():
             results[key] = json.loads(extra.read_text())
     from report_render import render

@@ -558,7 +558,7 @@ def render(results: dict[str, Any], png: Path) -> str:
         "",
         "### 7c. The banded runtime: `run_banded`",
         "",
-        *banded_section(results.get("peak_banded")),
+        *banded_section(results.get("peak_banded"), results.get("skip_ranking")),
         "",
         "### 7d. The width of the residual stream and skips: `shared_values=\"uniform\"`",
         "",

@@ -177,8 +177,11 @@ AIMS = {"resnet32": (24.0, 17.0), "mobilenetv2": (72.0, 55.0), "unet": (1100.0, 
 """Issue 22's aims and stretch aims, KiB per image at 3-bit DQA (the U-Net's output listed apart)."""
 
 
-def banded_section(data: dict[str, Any] | None) -> list[str]:
-    """Section 7c: the banded runtime's peaks, accuracy, agreement and time (``examples/peak_banded.py``)."""
+def banded_section(data: dict[str, Any] | None, skip: dict[str, Any] | None = None) -> list[str]:
+    """Section 7c: the banded runtime's peaks, accuracy, agreement and time (``examples/peak_banded.py``).
+
+    ``skip``: ``examples/skip_ranking.py``'s JSON (how a coded U-Net skip is ranked), rendered after them.
+    """
     if not data:
         return ["_Run `OMP_NUM_THREADS=1 python examples/peak_banded.py --out docs/results/peak_banded.json`._"]
     nets = data["networks"]
@@ -189,8 +192,9 @@ def banded_section(data: dict[str, Any] | None) -> list[str]:
         "and outputs of nodes that cannot run in bands (none in these six networks). Everything between is computed",
         "one band of output rows at a time: convolution, BatchNorm, activation, residual add and quantization as one",
         "step per band, each node keeping the rows the next band reads again (a line buffer; as codes when the next",
-        "layer reads it quantized), an inverted residual's expansion never whole, a concatenation only one band",
-        "wide, a global average summed band by band. Stored values are written and read band by band as blobs, and",
+        "layer reads it quantized), an inverted residual's expansion never whole, a convolution of a concatenation",
+        "run as one convolution per part, summed, the upsampled part first (`split_concat=True`: no concatenated",
+        "band), a global average summed band by band. Stored values are written and read band by band as blobs, and",
         "a step writes its output into the bands of the input it reads for the last time (a residual block's output",
         "over its input, a measured gap of a few bands below it; `report.in_place()`), so a chain of blocks is one",
         "ring buffer. The scratch of each step (every band tensor and line buffer, float32 or codes as held) and",
@@ -211,7 +215,8 @@ def banded_section(data: dict[str, Any] | None) -> list[str]:
         f"Command: `{data['command']}`; {data['machine']}; the timings are of that one run (2-core machine).",
         "`max diff`: the largest absolute difference between the banded and the fake-quantized outputs over the test",
         "images; `1-img diff`: on the one image of the peak table. Bands change no float sum, but a kernel may round",
-        "a sum differently for another tensor shape; where a value sits on a quantization step that moves one code.",
+        "a sum differently for another tensor shape, and a split convolution adds its parts' sums in another order;",
+        "where a value sits on a quantization step that moves one code.",
         "",
     ]
     for n in nets:
@@ -268,7 +273,38 @@ def banded_section(data: dict[str, Any] | None) -> list[str]:
             + ". The default stays `shared_values=\"fp32\"`: no one setting meets every aim (peak and accuracy)"
             " on all three networks, and the banded pass runs in Python, far from the 2x-of-FP32 time aim.",
         ]
-    return lines
+    return [*lines, *_skip_ranking(skip)]
+
+
+def _skip_ranking(data: dict[str, Any] | None) -> list[str]:
+    """How a coded U-Net skip's channels are ranked, and its cost (``examples/skip_ranking.py``), for section 7c."""
+    if not data:
+        return []
+    rows = data["rows"]
+
+    def mean(ranking: str, key: str) -> float:
+        values = [r[key] if key == "miou" else r["peak_kib"][key] for r in rows if r["ranking"] == ranking]
+        return sum(values) / len(values)
+
+    seeds = sorted({r["seed"] for r in rows})
+    return [
+        "",
+        "A U-Net skip coded with `shared_values=\"codes\"` is stored once, as the leading channels of the decoder",
+        "convolution's DQA codes, and read by that convolution and by the next encoder stage's max-pool. The",
+        "`fisher` ranking ranks those channels by the skip's gradient summed over both readers; before, it ranked",
+        "them by the gradient of the concatenation the convolution reads (that reader only). Ranked for every reader,",
+        "the decoder's important channels move into the skip, so its stored codes carry more bits: over calibration",
+        f"seeds {', '.join(map(str, seeds))} the mean mIoU rises from {mean('concatenation', 'miou'):.2f} to "
+        f"{mean('every reader', 'miou'):.2f} and the banded peak (split concatenations) from "
+        f"{mean('concatenation', 'split'):,.1f} to {mean('every reader', 'split'):,.1f} KiB; `cat`: the",
+        "concatenation run whole (`split_concat=False`).",
+        "",
+        "```text",
+        data["text"],
+        "```",
+        "",
+        f"Command: `{data['command']}`; {data['machine']}.",
+    ]
 
 
 def width_section(data: dict[str, Any] | None, banded: dict[str, Any] | None) -> list[str]:

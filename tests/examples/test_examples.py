@@ -69,6 +69,7 @@ def test_results_page_is_what_the_committed_json_renders(tmp_path: Path) -> None
     results["shared_values"] = json.loads((results_dir / "shared_values.json").read_text())
     results["peak_banded"] = json.loads((results_dir / "peak_banded.json").read_text())
     results["shared_width"] = json.loads((results_dir / "shared_width.json").read_text())
+    results["skip_ranking"] = json.loads((results_dir / "skip_ranking.json").read_text())
     png = tmp_path / "results" / "plot.png"
     png.parent.mkdir()
     text = render(results, png)
