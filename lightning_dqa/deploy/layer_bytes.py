@@ -180,26 +180,36 @@ class _LayerState:
 _LAYER_STATES: weakref.WeakKeyDictionary[ActivationQuantizer, _LayerState] = weakref.WeakKeyDictionary()
 
 
-def _version(t: Tensor) -> tuple[int, int, int]:
-    """What changes when a buffer is replaced or written in place: identity, storage and version counter."""
+def _version(t: Tensor) -> tuple[int, int, int] | None:
+    """What changes when a buffer is replaced or written in place: identity, storage and version counter.
+
+    ``None`` for an inference tensor (made or written under ``torch.inference_mode``, as in ``Trainer.validate``):
+    it has no version counter, so an in-place write could not be told.
+    """
+    if t.is_inference():
+        return None
     return id(t), t.data_ptr(), t._version
 
 
 def _layer_state(q: ActivationQuantizer) -> _LayerState:
-    """The layer's :class:`_LayerState`, remade when its widths, signedness, scales, channels or histogram change."""
-    key = (
-        q.n, q.m, q._signed, q.scale_mode, q.channel_dim, q.num_channels,
-        _version(q.scale), _version(q.important), _version(q.error_counts),
-    )  # fmt: skip
+    """The layer's :class:`_LayerState`, remade when its widths, signedness, scales, channels or histogram change.
+
+    Kept between calls only while every buffer it derives from has a version counter (else made at each call).
+    """
+    versions = (_version(q.scale), _version(q.important), _version(q.error_counts))
+    key = (q.n, q.m, q._signed, q.scale_mode, q.channel_dim, q.num_channels, *versions)
     state = _LAYER_STATES.get(q)
-    if state is not None and state.key == key:
+    if state is not None and state.key == key and None not in versions:
         return state
     counts = q.error_counts.detach().cpu()
     important = torch.nonzero(q.important.detach().cpu()).flatten().numpy()
     tables = None if q.scale_mode == "dynamic" else channel_tables(_scale_n(q, None), q.important, q.m)
     book = _huffman_book(counts.numpy().astype(np.int64).tobytes())  # one book per histogram
     state = _LayerState(key, counts, book, important, tuple(important.tolist()), tables)
-    _LAYER_STATES[q] = state
+    if None not in versions:
+        _LAYER_STATES[q] = state
+    else:
+        _LAYER_STATES.pop(q, None)
     return state
 
 

@@ -264,3 +264,18 @@ def test_layer_state_follows_in_place_changes() -> None:
         ):
             change()
             assert torch.equal(bytes_to_values(q, quantizer_to_bytes(q, a)), q(a))
+
+
+def test_layer_state_of_inference_tensors_is_made_at_each_call() -> None:
+    """Buffers written under ``torch.inference_mode`` (Trainer.validate) have no version counter: nothing is kept."""
+    from lightning_dqa.deploy.layer_bytes import bytes_to_values
+
+    torch.manual_seed(0)
+    model, _ = calibrated(build_model("resnet20"), (2, 3, 16, 16))
+    q = quantizers_of(model)["layer1.0.conv2"]
+    a = torch.randn(2, q.num_channels, 16, 16).relu()
+    with torch.inference_mode():
+        q.scale = q.scale.clone()  # an inference tensor, as a buffer calibrated inside validate would be
+        assert torch.equal(bytes_to_values(q, quantizer_to_bytes(q, a)), q(a))
+        q.scale.mul_(0.5)  # in place, without a version counter
+        assert torch.equal(bytes_to_values(q, quantizer_to_bytes(q, a)), q(a))
