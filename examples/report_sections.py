@@ -295,9 +295,9 @@ def _skip_ranking(data: dict[str, Any] | None) -> list[str]:
         "them by the gradient of the concatenation the convolution reads (that reader only). Ranked for every reader,",
         "the decoder's important channels move into the skip, so its stored codes carry more bits: over calibration",
         f"seeds {', '.join(map(str, seeds))} the mean mIoU rises from {mean('concatenation', 'miou'):.2f} to "
-        f"{mean('every reader', 'miou'):.2f} and the banded peak (split concatenations) from "
-        f"{mean('concatenation', 'split'):,.1f} to {mean('every reader', 'split'):,.1f} KiB; `cat`: the",
-        "concatenation run whole (`split_concat=False`).",
+        f"{mean('every reader', 'miou'):.2f},",
+        f"and the banded peak (split concatenations) from {mean('concatenation', 'split'):,.1f} to "
+        f"{mean('every reader', 'split'):,.1f} KiB. `cat`: the concatenation run whole (`split_concat=False`).",
         "",
         "```text",
         data["text"],
