@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from report_sections import printed
+
 CONFIGS = [f"{m} {b}" for b in (3, 4, 5) for m in ("direct", "dqa")]
 
 
@@ -44,11 +46,7 @@ def peak_section(peak: dict[str, Any] | None) -> list[str]:
         "random weights and read CIFAR-10 images scaled to 96x96), one test image; each compressed output was",
         "checked bit for bit against the fake-quantized forward.",
         "",
-        "```text",
-        peak["text"],
-        "```",
-        "",
-        f"Command: `{peak['command']}`; {peak['machine']}.",
+        *printed(peak),
         "",
         f"The arena reaches the live bound for DQA 3 on {tight} of the {len(nets)} networks. 3-bit DQA is above",
         f"the all-int8 plan on {len(above)} of the {len(nets)} networks ({', '.join(above) or 'none'}): storing",

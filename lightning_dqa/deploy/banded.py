@@ -293,9 +293,9 @@ def run_banded(
         )
     check_coder(coder, torch.ones(1))
     gm, readers, coded, _ = _trace(model, quantizers, "run_banded")
-    banded = _Banded(model, gm, dict(readers), quantizers, coded, band_rows, coder, strict, depthwise_chunks)
-    banded.split_concat = split_concat
-    return banded.run(inputs)
+    return _Banded(
+        model, gm, dict(readers), quantizers, coded, band_rows, coder, strict, depthwise_chunks, split_concat
+    ).run(inputs)
 
 
 def _describe(x: Any) -> str:
@@ -438,12 +438,13 @@ class _Banded:
     def __init__(
         self, model: nn.Module, gm: fx.GraphModule, readers: Mapping[fx.Node, str],
         quantizers: dict[str, ActivationQuantizer], coded: Mapping[fx.Node, tuple[str, str, bool]], band_rows: int,
-        coder: str, strict: bool = False, chunks: int = 4,
+        coder: str, strict: bool = False, chunks: int = 4, split_concat: bool = False,
     ) -> None:  # fmt: skip
         self.model, self.gm, self.readers, self.quantizers = model, gm, readers, quantizers
         self.coded, self.band_rows, self.coder, self.strict = coded, band_rows, coder, strict
         self.chunks, self.transient = chunks, 0
-        self.split_concat, self.layer_of = False, dict[str, str]()  # part convolution's layer -> the split layer
+        self.split_concat = split_concat
+        self.layer_of: dict[str, str] = {}  # part convolution's layer -> the layer it was split from
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.whole: list[WholeNode] = []

@@ -220,10 +220,14 @@ class _Codec:
 
     def __init__(self, places: list[tuple[nn.Module, ActivationQuantizer, str]], coder: str = DEFAULT_CODER) -> None:
         self.coder = coder
+        self.places = [(layer, _CodecCall(self, q, name)) for layer, q, name in places]
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a pass: no stored blob waiting, no record."""
         self.preset: dict[int, bytes] = {}
         self.step, self.value = "", ""
         self.records: list[BlobRecord] = []
-        self.places = [(layer, _CodecCall(self, q, name)) for layer, q, name in places]
 
     def __enter__(self) -> _Codec:
         for layer, call in self.places:
@@ -333,9 +337,10 @@ class CompressedRunner:
         self.model, self.coder = model, coder
         self.quantizers = _active_quantizers(model)
         check_coder(coder, torch.ones(1))
-        self.gm, readers, self.coded, self.kept = _trace(model, self.quantizers, "run_compressed")
-        self.runner = _Runner(self.gm, readers, self.quantizers, self.coded)
-        self.places = [(model.get_submodule(name), q, name) for name, q in self.quantizers.items()]
+        gm, readers, self.coded, self.kept = _trace(model, self.quantizers, "run_compressed")
+        places = [(model.get_submodule(name), q, name) for name, q in self.quantizers.items()]
+        self.codec = _Codec(places, coder)
+        self.runner = _Runner(gm, readers, self.quantizers, self.coded, self.codec)
         self.producers = [m for m in model.modules() if SHARED_ATTR in m.__dict__]
 
     @torch.no_grad()
@@ -353,9 +358,10 @@ class CompressedRunner:
                     f"{q.fp_mask is not None}) since this CompressedRunner was made; make a new one"
                 )
         args = tree_map(_own_storage, inputs if isinstance(inputs, tuple) else (inputs,))
-        codec = _Codec(self.places, self.coder)
+        codec = self.codec
+        codec.reset()
         with codec, suspend_shared(self.model, self.producers):  # the runner codes shared values itself, as bytes
-            output, steps = self.runner.run(args, codec)
+            output, steps = self.runner.run(args)
         first = next((t for t in tree_leaves(args) if isinstance(t, Tensor) and t.ndim), None)
         report = CompressedReport(
             batch=1 if first is None else int(first.shape[0]),
@@ -472,9 +478,9 @@ class _Runner:
 
     def __init__(
         self, gm: fx.GraphModule, readers: Mapping[fx.Node, str], quantizers: dict[str, ActivationQuantizer],
-        coded: Mapping[fx.Node, tuple[str, str, bool]],
+        coded: Mapping[fx.Node, tuple[str, str, bool]], codec: _Codec,
     ) -> None:  # fmt: skip
-        self.gm, self.readers, self.quantizers = gm, readers, quantizers
+        self.gm, self.readers, self.quantizers, self.codec = gm, readers, quantizers, codec
         self.coded = coded
         interp = fx.Interpreter(gm)
         self.nodes = list(gm.graph.nodes)
@@ -488,13 +494,12 @@ class _Runner:
         self.dead: dict[int, list[fx.Node]] = {}  # step -> the values no later step reads
         for n, i in last.items():
             self.dead.setdefault(i, []).append(n)
-        self.codec = _Codec([])
         self.env: dict[fx.Node, Any] = {}
         self.decoded: dict[int, _Coded] = {}  # storage address of a decoded shared value -> its record
 
-    def run(self, args: tuple[Any, ...], codec: _Codec) -> tuple[Any, list[Step]]:
-        """Returns ``(output, steps)``; ``codec`` (entered) codes the pass's blobs and records them."""
-        self.codec, self.env, self.decoded = codec, {}, {}
+    def run(self, args: tuple[Any, ...]) -> tuple[Any, list[Step]]:
+        """Returns ``(output, steps)``; the codec (entered, reset) codes the pass's blobs and records them."""
+        self.env, self.decoded = {}, {}
         dead = self.dead
         steps, placeholders, output = [], iter(args), None
         for i, node in enumerate(self.nodes):

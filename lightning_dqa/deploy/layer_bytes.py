@@ -212,7 +212,3 @@ def _layer_state(q: ActivationQuantizer) -> _LayerState:
         _LAYER_STATES.pop(q, None)
     return state
 
-
-def _codebook_of(q: ActivationQuantizer) -> HuffmanCodebook:
-    """The layer's shifting-error code book, from its calibration histogram (as the memory meter builds it)."""
-    return _layer_state(q).book

@@ -9,9 +9,10 @@ from torch import nn
 
 from lightning_dqa import DQAConfig, calibrate, prepare
 from lightning_dqa.core.attach import quantizers_of
+from lightning_dqa.core.quantizers import ActivationQuantizer
 from lightning_dqa.demos.models import build_model
 from lightning_dqa.deploy.compressed import CompressedRunner, run_compressed
-from lightning_dqa.deploy.layer_bytes import quantizer_to_bytes
+from lightning_dqa.deploy.layer_bytes import bytes_to_values, quantizer_to_bytes
 from lightning_dqa.deploy.liveness import QRead, Step, peak_memory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -247,14 +248,22 @@ def test_runner_puts_the_quantizers_back_and_refuses_a_changed_plan() -> None:
         runner(x)
 
 
-def test_layer_state_follows_in_place_changes() -> None:
-    """The per-layer tables the byte path keeps are remade when scales, widths or important channels change."""
-    from lightning_dqa.deploy.layer_bytes import bytes_to_values
-
+def layer_and_activation() -> tuple[ActivationQuantizer, torch.Tensor]:
+    """A calibrated ResNet-20 layer's quantizer and a ReLU-like activation of its input's shape."""
     torch.manual_seed(0)
     model, _ = calibrated(build_model("resnet20"), (2, 3, 16, 16))
     q = quantizers_of(model)["layer1.0.conv2"]
-    a = torch.randn(2, q.num_channels, 16, 16).relu()
+    return q, torch.randn(2, q.num_channels, 16, 16).relu()
+
+
+def round_trips(q: ActivationQuantizer, a: torch.Tensor) -> bool:
+    """Whether ``a``'s blob decodes to exactly ``q(a)``."""
+    return torch.equal(bytes_to_values(q, quantizer_to_bytes(q, a)), q(a))
+
+
+def test_layer_state_follows_in_place_changes() -> None:
+    """The per-layer tables the byte path keeps are remade when scales, widths or important channels change."""
+    q, a = layer_and_activation()
     with torch.no_grad():
         for change in (
             lambda: q.scale.mul_(0.5),
@@ -263,19 +272,14 @@ def test_layer_state_follows_in_place_changes() -> None:
             lambda: q.error_counts.add_(torch.arange(q.error_counts.numel())),
         ):
             change()
-            assert torch.equal(bytes_to_values(q, quantizer_to_bytes(q, a)), q(a))
+            assert round_trips(q, a)
 
 
 def test_layer_state_of_inference_tensors_is_made_at_each_call() -> None:
     """Buffers written under ``torch.inference_mode`` (Trainer.validate) have no version counter: nothing is kept."""
-    from lightning_dqa.deploy.layer_bytes import bytes_to_values
-
-    torch.manual_seed(0)
-    model, _ = calibrated(build_model("resnet20"), (2, 3, 16, 16))
-    q = quantizers_of(model)["layer1.0.conv2"]
-    a = torch.randn(2, q.num_channels, 16, 16).relu()
+    q, a = layer_and_activation()
     with torch.inference_mode():
         q.scale = q.scale.clone()  # an inference tensor, as a buffer calibrated inside validate would be
-        assert torch.equal(bytes_to_values(q, quantizer_to_bytes(q, a)), q(a))
+        assert round_trips(q, a)
         q.scale.mul_(0.5)  # in place, without a version counter
-        assert torch.equal(bytes_to_values(q, quantizer_to_bytes(q, a)), q(a))
+        assert round_trips(q, a)
