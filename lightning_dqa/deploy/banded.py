@@ -454,13 +454,14 @@ class _Banded:
     def run(self, x: Tensor) -> tuple[Any, BandedReport]:
         rec = _Recorder(self.gm)
         rec.run(x)
+        unpacked = _unpack_tuples(self.gm, self.readers, rec.meta)
         if self.split_concat:
             self.layer_of = split_concat_convs(self.gm, self.readers, self.quantizers, rec.meta)
-            if self.layer_of:  # the plan again, of the rewritten trace
-                self.nodes = list(self.gm.graph.nodes)
-                self.order = {n: i for i, n in enumerate(self.nodes)}
-                rec = _Recorder(self.gm)
-                rec.run(x)
+        if unpacked or self.layer_of:  # the plan again, of the rewritten trace
+            self.nodes = list(self.gm.graph.nodes)
+            self.order = {n: i for i, n in enumerate(self.nodes)}
+            rec = _Recorder(self.gm)
+            rec.run(x)
         self.dtype, self.device = x.dtype, x.device
         self.meta, self.tensors = rec.meta, rec.tensors
         self.rules: dict[fx.Node, _Rule] = {}
@@ -1109,6 +1110,49 @@ class _Banded:
             return s.fp32
         blob = next(iter(s.blobs.values()))
         return blob.read(0, s.shape[2])[0] if len(s.shape) == 4 else decode(blob.q, blob.blob(0))
+
+
+class _Output(nn.Module):
+    """``module(...)[index]``: one output of a module that returns several (attention's output and weights)."""
+
+    def __init__(self, module: nn.Module, index: int) -> None:
+        super().__init__()
+        self.module, self.index = module, index
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)[self.index]
+
+
+def _unpack_tuples(gm: fx.GraphModule, readers: Mapping[fx.Node, str], meta: Mapping[fx.Node, Any]) -> bool:
+    """Give a module node that returns a tuple of tensors one node per output read (``_Output``); whether any.
+
+    ``out, weights = attention(q, k, v)`` traces to the module call and ``getitem`` nodes; the bands have one
+    tensor per node, so each used item becomes a call of the module that returns that item (it then runs whole
+    and is named in :attr:`BandedReport.whole`). Unused items are dropped. A quantized layer is left alone.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        value = meta.get(node)
+        users = list(node.users)
+        if (
+            node.op != "call_module" or node in readers or not isinstance(value, tuple)
+            or not any(isinstance(v, Tensor) for v in tree_leaves(value)) or not users
+            or not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in users)
+        ):  # fmt: skip
+            continue
+        for u in users:
+            if u.users:
+                target = f"dqa_output_{u.name}"
+                gm.add_submodule(target, _Output(gm.get_submodule(str(node.target)), int(u.args[1])))
+                with gm.graph.inserting_before(u):
+                    new = gm.graph.call_module(target, node.args, node.kwargs)
+                u.replace_all_uses_with(new)
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def _hooked(m: nn.Module, rows: Tensor, coded: bool, call: Callable[[Tensor], Tensor]) -> Tensor:

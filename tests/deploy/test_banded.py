@@ -415,3 +415,33 @@ def test_split_concat_rewrites_only_quantized_convolutions_of_a_channel_concaten
         assert torch.equal(gm(x) + 0.0, model(x) + 0.0)  # dyadic: the parts' sums are exact
     assert all(isinstance(m, ActivationQuantizer) for m in quantizers_of(model).values())  # the model is untouched
     assert not any("dqa_split" in name for name, _ in model.named_modules())
+
+
+def test_a_module_that_returns_a_tuple_runs_whole_for_the_output_read() -> None:
+    """Attention returns ``(output, weights)``: the banded runtime runs it whole for the item read, and the
+    operations after it that cannot run in bands are named in the report (they used to stop the pass)."""
+
+    class ConvAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.stem(x))
+            n, c, rows, cols = h.shape
+            tokens = h.flatten(2).transpose(1, 2)
+            mixed, _ = self.attention(tokens, tokens, tokens)
+            return self.head(mixed.transpose(1, 2).reshape(n, c, rows, cols))
+
+    torch.manual_seed(0)
+    model = ConvAttention().eval()
+    config = DQAConfig(bits=3, ranking="energy", first_layer_bits=None, exclude=(r"^attention\.out_proj$",))
+    prepare(model, config)
+    calibrate(model, config, [torch.randn(2, 3, 6, 5)], forward_fn=lambda m, b: m(b))
+    x = torch.randn(1, 3, 6, 5)
+    out, report = run_banded(model, x)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-5)
+    assert report.whole and all(w.why for w in report.whole)
+    assert not any("dqa_output" in name for name, _ in model.named_modules())  # the model itself is untouched
